@@ -1,0 +1,1 @@
+"""MEGA data pipeline: native-format readers, clip sampling, the Ray sharding job and the streaming loader."""

@@ -1,0 +1,105 @@
+"""The training config: typed keys, key=value overrides, start-up validation, batch split and LR schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, load_config, split_global_batch
+from training.optim import lr_at, milestone_iterations
+
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
+
+
+@pytest.fixture
+def paths(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "val").mkdir()
+    return [f"data.shards={tmp_path / 'shards'}", f"validation.root={tmp_path / 'val'}"]
+
+
+@pytest.mark.parametrize("name,iterations", [("s3_ytvos_davis", 150_000), ("s3_mega", 190_000)])
+def test_paper_values(name, iterations, paths):
+    cfg = load_config(CONFIGS / f"{name}.yaml", paths)
+    assert cfg.train.iterations == iterations
+    assert cfg.optim.lr == 5e-5 and cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad_norm == 3.0
+    assert cfg.train.global_batch == 16 and cfg.data.num_frames == 8 and cfg.data.num_ref_frames == 3
+    assert cfg.data.max_skip == [5, 10, 15, 5] and cfg.data.max_skip_until == [0.1, 0.3, 0.8, 1.0]
+    assert cfg.model.overrides["drop_path"] == 0.15
+    assert milestone_iterations(cfg) == [round(0.8 * iterations), round(0.92 * iterations)]
+
+
+def test_release_values_by_override(paths):
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths + ["optim.weight_decay=0.001", "train.iterations=175000",
+                                                        "model.overrides.drop_path=0.0", "optim.lr=5e-5"])
+    assert cfg.optim.weight_decay == 0.001 and cfg.train.iterations == 175_000
+    assert cfg.model.overrides["drop_path"] == 0.0 and cfg.optim.lr == 5e-5
+
+
+def test_lr_at_start_each_milestone_and_end(paths):
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths)
+    m1, m2 = milestone_iterations(cfg)
+    assert (m1, m2) == (152_000, 174_800)
+    assert lr_at(cfg, 0) == pytest.approx(5e-5)
+    assert lr_at(cfg, m1 - 1) == pytest.approx(5e-5)
+    assert lr_at(cfg, m1) == pytest.approx(5e-6)
+    assert lr_at(cfg, m2 - 1) == pytest.approx(5e-6)
+    assert lr_at(cfg, m2) == pytest.approx(5e-7)
+    assert lr_at(cfg, cfg.train.iterations) == pytest.approx(5e-7)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
+def test_global_batch_is_kept_whatever_the_world_size(world, paths):
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths)
+    split = split_global_batch(cfg, world)
+    assert split.micro_batch * split.accumulation * split.world_size == 16
+
+
+@pytest.mark.parametrize("override,key,reason", [
+    ("optim.lrate=1e-4", "optim.lrate", "unknown key"),
+    ("bogus=1", "bogus", "unknown key"),
+    ("train.iterations=lots", "train.iterations", "expected an integer"),
+    ("train.iterations=1.5", "train.iterations", "expected an integer"),
+    ("optim.lr=-1e-4", "optim.lr", "must be positive"),
+    ("optim.lr=0", "optim.lr", "must be positive"),
+    ("data.shards=/no/such/folder", "data.shards", "folder not found"),
+    ("validation.root=/no/such/davis", "validation.root", "folder not found"),
+    ("train.zero_stage=4", "train.zero_stage", "must be 0, 1, 2 or 3"),
+    ("optim.lr_milestones=[0.9,0.5]", "optim.lr_milestones", "increasing"),
+    ("train.precision=fp8", "train.precision", "must be auto, bf16 or fp32"),
+    ("checkpoint.every=0", "checkpoint.every", "must be positive"),
+])
+def test_bad_configuration_names_key_and_reason(override, key, reason, paths):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "s3_mega.yaml", paths + [override])
+    assert e.value.key == key and reason in str(e.value)
+
+
+def test_unsplittable_global_batch(paths):
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths)
+    with pytest.raises(ConfigError, match="train.global_batch.*cannot be split over 3 ranks"):
+        split_global_batch(cfg, 3)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        split_global_batch(cfg, 32)  # past 16 ranks: the documented rule (grow the batch, scale the LR)
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths + ["train.global_batch=32", "optim.scale_lr_with_batch=true"])
+    assert split_global_batch(cfg, 32).micro_batch == 1
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths + ["train.micro_batch=3"])
+    with pytest.raises(ConfigError, match="train.micro_batch"):
+        split_global_batch(cfg, 2)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config("/no/such.yaml")
+
+
+def test_train_entry_point_fails_fast_on_bad_config(paths, capsys, monkeypatch):
+    from training.train import main
+
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)  # restored after the test: other tests share this process
+
+    assert main(["--config", str(CONFIGS / "s3_mega.yaml"), *paths, "optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err

@@ -1,0 +1,188 @@
+"""DeepSpeed checkpoints that survive being killed: collective save, completion marker, auto-resume, keep-last-k,
+and consolidation of the ZeRO shards into a plain fp32 state dict for the inference engine.
+
+Layout: CKPT_DIR/iter_0001000/ (DeepSpeed's files for that tag) + CKPT_DIR/iter_0001000/COMPLETE (JSON, written by
+rank 0 through a temporary name and a rename, only after every rank returned from save_checkpoint and met at a
+barrier). A tag folder without COMPLETE is a save that was cut short: never resumed from, deleted by the next
+purge. DeepSpeed's own `latest` file is written too but not trusted: it is updated before all ranks finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^iter_(\d{7,})$")
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    dir: Path  # the checkpoint root (DeepSpeed's save_dir)
+    tag: str
+    iteration: int
+
+    @property
+    def path(self) -> Path:
+        return self.dir / self.tag
+
+    def marker(self) -> dict[str, Any]:
+        return json.loads((self.path / MARKER).read_text())
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike, complete_only: bool = True) -> list[CheckpointRef]:
+    """Checkpoints in `ckpt_dir`, oldest first; by default only those with a completion marker."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    refs = []
+    for p in root.iterdir():
+        m = _TAG.match(p.name)
+        if not (m and p.is_dir()):
+            continue
+        if complete_only and not (p / MARKER).is_file():
+            continue
+        refs.append(CheckpointRef(root, p.name, int(m.group(1))))
+    return sorted(refs, key=lambda r: r.iteration)
+
+
+def latest_complete(ckpt_dir: str | os.PathLike) -> CheckpointRef | None:
+    refs = list_checkpoints(ckpt_dir)
+    return refs[-1] if refs else None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def save(engine, ckpt_dir: str | os.PathLike, iteration: int, client_state: dict[str, Any], keep_last: int) -> CheckpointRef:
+    """Collective: EVERY rank must call this (a rank-0-only save deadlocks ZeRO, DeepSpeed issue 2993)."""
+    root = Path(ckpt_dir)
+    tag = tag_for(iteration)
+    ref = CheckpointRef(root, tag, iteration)
+    if _rank() == 0 and ref.path.exists():
+        # A leftover of a save that died before its marker (or a rerun of the same iteration): start clean.
+        shutil.rmtree(ref.path)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    _barrier()  # every rank's shards are on disk before the marker says so
+    if _rank() == 0:
+        tmp = ref.path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"iteration": iteration, "tag": tag,
+                                   "config_hash": client_state.get("config_hash"),
+                                   "mlflow_run_id": client_state.get("mlflow_run_id"),
+                                   "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
+        os.replace(tmp, ref.path / MARKER)
+        purge(root, keep_last)
+    _barrier()
+    return ref
+
+
+def purge(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and any unfinished save before them."""
+    complete = list_checkpoints(ckpt_dir)
+    keep = {r.tag for r in complete[-keep_last:]}
+    newest = complete[-1].iteration if complete else -1
+    for r in list_checkpoints(ckpt_dir, complete_only=False):
+        if r.tag in keep or r.iteration > newest:
+            continue
+        # Remove the marker first: a purge killed half-way leaves an incomplete folder, never a broken "complete" one.
+        (r.path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(r.path, ignore_errors=True)
+        log.info("removed checkpoint %s", r.path)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few non-tensor classes DeepSpeed pickles into ZeRO checkpoints; all plain data holders."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None, **kwargs: Any) -> Any:
+    """torch.load with weights_only=True (no arbitrary pickled code), DeepSpeed's data classes allowed."""
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+class _TorchWithSafeLoad:
+    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32, whose loads say weights_only=False."""
+
+    load = staticmethod(safe_torch_load)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def load(engine, ref: CheckpointRef) -> dict[str, Any]:
+    """Collective load of `ref` into `engine`; returns the client state saved with it.
+
+    DeepSpeed's own checkpoint engine calls torch.load(weights_only=False); ours swaps in a weights_only=True
+    load so a tampered checkpoint cannot run code (issue 9, untrusted files).
+    """
+    engine.checkpoint_engine.load = safe_torch_load
+    load_path, client_state = engine.load_checkpoint(str(ref.dir), tag=ref.tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
+    return client_state or {}
+
+
+# ------------------------------------------------------------------------------------------ consolidation
+
+
+def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
+    """Write the fp32 weights of `ref` as one plain state dict (tensors only), loadable with weights_only=True."""
+    out = Path(out_file)
+    if out.is_file():
+        return out
+    zero_files = list(ref.path.glob("*zero_pp_rank_*optim_states.pt"))
+    if zero_files:
+        from deepspeed.utils import zero_to_fp32
+
+        real_torch, zero_to_fp32.torch = zero_to_fp32.torch, _TorchWithSafeLoad()
+        try:
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ref.dir), tag=ref.tag)
+        finally:
+            zero_to_fp32.torch = real_torch
+    else:  # ZeRO stage 0: the module's weights are stored whole
+        model_file = ref.path / "mp_rank_00_model_states.pt"
+        state = safe_torch_load(model_file, map_location="cpu")["module"]
+    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def load_weights(network: torch.nn.Module, weights_file: str | os.PathLike) -> None:
+    """Load a consolidated state dict into `network`; refuses pickled objects (weights_only=True)."""
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    # Frozen, non-trained weights (none today) would be the only acceptable missing keys; say so loudly if any.
+    if missing or unexpected:
+        raise RuntimeError(f"{weights_file}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")

@@ -1,0 +1,222 @@
+"""`make demo`: the whole pipeline on the embedded defaults, on one machine.
+
+    DEMO_DIR=demo_out python -m training.demo
+
+synthesize the five datasets → shard them with the Ray job on a local Ray → train `demo_cpu.yaml` with the
+`deepspeed` launcher on 2 CPU ranks (ZeRO-2), validating checkpoints into MLflow → select the champion → score
+it on the synthetic DAVIS val split next to the copy-the-first-mask baseline and the same model untrained →
+print a summary (with the `mlflow ui` command) and write DEMO_DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import model  # noqa: F401  (torchvision shim before anything imports timm)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "training" / "configs" / "demo_cpu.yaml"
+SHARD_CONFIG = ROOT / "data_pipeline" / "configs" / "demo.yaml"
+EXPERIMENT = "s3-demo"
+
+
+def _step(title: str) -> float:
+    print(f"\n=== {title}", flush=True)
+    return time.time()
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the demo keeps its MLflow database inside DEMO_DIR
+    return env
+
+
+def count_clips(shards: Path) -> int:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for key in ("clips_written", "total_clips", "clips"):
+        if isinstance(manifest.get(key), int):
+            return manifest[key]
+    return sum(json.loads(p.read_text()).get("clips", 0) for p in shards.glob("skip*/*.stats.json"))
+
+
+def train_overrides(demo: Path) -> list[str]:
+    return [f"output_dir={demo / 'train'}", f"data.shards={demo / 'shards'}",
+            f"validation.root={demo / 'data' / 'DAVIS'}", f"tracking.tracking_uri=sqlite:///{demo / 'mlflow.db'}",
+            f"tracking.experiment={EXPERIMENT}"]
+
+
+def run_training(demo: Path, env: dict[str, str], extra: list[str] | None = None) -> None:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    _run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "training/train.py",
+          "--config", str(CONFIG), *train_overrides(demo), *(extra or [])], env=env)
+
+
+def champion_weights(alias_uri: str, tracking_uri: str, dest: Path) -> Path:
+    """Download the champion LoggedModel and return the consolidated weights file stored with it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=alias_uri, dst_path=str(dest)))
+    found = sorted(local.rglob("iter_*.pt"))
+    if not found:
+        raise FileNotFoundError(f"no consolidated weights (iter_*.pt) in the artifacts of {alias_uri}")
+    return found[0]
+
+
+def score_network(weights: Path | None, demo: Path, name: str) -> dict:
+    """J&F on the synthetic DAVIS val split of the tiny model: trained (weights) or untrained (None)."""
+    import torch
+    from model.config import load_model_config
+
+    from training.checkpoint import load_weights
+    from training.config import load_config
+    from training.evaluate import evaluate_network
+
+    cfg = load_config(CONFIG, train_overrides(demo))
+    d = cfg.data
+    overrides = {"num_frames": d.num_frames, "num_ref_frames": d.num_ref_frames, "num_objects": d.num_objects}
+    overrides.update(cfg.model.overrides)
+    torch.manual_seed(cfg.train.seed)  # the very initial weights the training run started from
+    network = model.build_network(load_model_config(cfg.model.name, overrides))
+    if weights is not None:
+        load_weights(network, weights)
+    network.eval()
+    return evaluate_network(network, str(demo / "data" / "DAVIS"), split="val", size=cfg.validation.size,
+                            out_dir=demo / "eval" / name)
+
+
+def copy_first_mask_baseline(demo: Path, env: dict[str, str]) -> dict:
+    """Predict every frame as the first frame's mask, then score it with the evaluator's --predictions mode."""
+    import numpy as np
+    from PIL import Image
+
+    davis = demo / "data" / "DAVIS"
+    pred_root = demo / "eval" / "copy_first_mask"
+    for seq in (davis / "ImageSets" / "2017" / "val.txt").read_text().split():
+        masks = sorted((davis / "Annotations" / "480p" / seq).glob("*.png"))
+        first = Image.open(masks[0])
+        frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        (pred_root / seq).mkdir(parents=True, exist_ok=True)
+        for f in frames:
+            out = Image.fromarray(np.array(first), mode="P")
+            if first.mode == "P":
+                out.putpalette(first.getpalette())
+            out.save(pred_root / seq / (f.stem + ".png"))
+    scores = demo / "eval" / "copy_first_mask_scores"
+    _run([sys.executable, "-m", "training.evaluate", "--predictions", str(pred_root), "--data", str(davis),
+          "--format", "davis", "--split", "val", "--out", str(scores)], env=env)
+    return read_global_csv(scores)
+
+
+def read_global_csv(folder: Path) -> dict:
+    import csv
+
+    path = next(iter(sorted(folder.rglob("*global*.csv"))), None)
+    if path is None:
+        raise FileNotFoundError(f"no global results CSV under {folder}")
+    with open(path) as f:
+        row = next(csv.DictReader(f))
+    return {k: float(v) for k, v in row.items() if k}
+
+
+def main() -> int:
+    demo = Path(os.environ.get("DEMO_DIR", "demo_out")).resolve()
+    demo.mkdir(parents=True, exist_ok=True)
+    env = _env()
+    t_all = time.time()
+    times: dict[str, float] = {}
+
+    t = _step("1/5 synthesize the five datasets in their native layouts")
+    if not (demo / "data" / "DAVIS").is_dir():
+        _run([sys.executable, "-m", "data_pipeline.synth", "--out", str(demo / "data"), "--seed", "0"], env=env)
+    times["synthesize_s"] = time.time() - t
+
+    t = _step("2/5 shard them into WebDataset tars with the Ray job (local Ray)")
+    _run([sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root",
+          str(demo / "data"), "--out", str(demo / "shards")], env=env)  # resumable: finished shards are skipped
+    times["shard_s"] = time.time() - t
+
+    t = _step("3/5 train demo_cpu.yaml: deepspeed, 2 CPU ranks, ZeRO-2, validation into MLflow")
+    run_training(demo, env)  # a rerun resumes from the last complete checkpoint (or returns at once when done)
+    times["train_s"] = time.time() - t
+
+    t = _step("4/5 select the champion checkpoint in MLflow")
+    from training.select import select
+
+    tracking_uri = f"sqlite:///{demo / 'mlflow.db'}"
+    champ = select(EXPERIMENT, "val/J&F", tracking_uri=tracking_uri)
+    print(f"champion: {champ.alias_uri} = {champ.logged_model_uri} (iteration {champ.iteration}, "
+          f"val/J&F {champ.score:.4f})")
+    times["select_s"] = time.time() - t
+
+    t = _step("5/5 evaluate the champion, the untrained model and the copy-first-mask baseline")
+    dl = demo / "eval" / "champion_download"
+    shutil.rmtree(dl, ignore_errors=True)
+    dl.mkdir(parents=True)
+    weights = champion_weights(champ.alias_uri, tracking_uri, dl)
+    trained = score_network(weights, demo, "champion")
+    untrained = score_network(None, demo, "untrained")
+    baseline = copy_first_mask_baseline(demo, env)
+    times["evaluate_s"] = time.time() - t
+
+    from training.train import read_loss_log
+
+    losses = read_loss_log(demo / "train")
+    summary = {
+        "demo_dir": str(demo),
+        "clips_written": count_clips(demo / "shards"),
+        "iterations_trained": losses[-1]["iteration"] if losses else 0,
+        "first_loss": losses[0]["total_loss"] if losses else None,
+        "last_loss": losses[-1]["total_loss"] if losses else None,
+        "champion_model_uri": champ.alias_uri,
+        "champion_logged_model_uri": champ.logged_model_uri,
+        "champion_iteration": champ.iteration,
+        "champion_val_JF_logged": champ.score,
+        "champion_val_JF": trained["J&F-Mean"],
+        "champion_val_J": trained["J-Mean"],
+        "champion_val_F": trained["F-Mean"],
+        "untrained_val_JF": untrained["J&F-Mean"],
+        "baseline_copy_first_mask_val_JF": baseline["J&F-Mean"],
+        "champion_beats_baseline": trained["J&F-Mean"] > baseline["J&F-Mean"],
+        "champion_beats_untrained": trained["J&F-Mean"] > untrained["J&F-Mean"],
+        "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{demo / 'mlflow.db'} --host 127.0.0.1 --port 5000",
+        "wall_seconds": round(time.time() - t_all, 1),
+        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    (demo / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n=== summary (" + str(demo / "summary.json") + ")")
+    print(f"clips written        {summary['clips_written']}")
+    print(f"iterations trained   {summary['iterations_trained']}  (loss {summary['first_loss']:.3f} → "
+          f"{summary['last_loss']:.3f})")
+    print(f"champion             {champ.alias_uri}  (iteration {champ.iteration})")
+    print(f"val J&F  champion {trained['J&F-Mean']:.4f} | untrained {untrained['J&F-Mean']:.4f} | "
+          f"copy-first-mask {baseline['J&F-Mean']:.4f}")
+    print(f"wall time            {summary['wall_seconds']:.0f} s")
+    print(f"browse the run:      .venv/bin/{summary['mlflow_ui']}")
+    return 0 if summary["champion_beats_baseline"] and summary["champion_beats_untrained"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -168,6 +168,12 @@ def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ref.dir), tag=ref.tag)
         finally:
             zero_to_fp32.torch = real_torch
+        # zero_to_fp32 leaves out frozen parameters for ZeRO-1: they were never updated, so the module's
+        # own copy in the model-states file is exact (under ZeRO-3 those copies are empty placeholders).
+        module = safe_torch_load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu").get("module") or {}
+        for k, v in module.items():
+            if k not in state and v.numel() > 0:
+                state[k] = v
     else:  # ZeRO stage 0: the module's weights are stored whole
         model_file = ref.path / "mp_rank_00_model_states.pt"
         state = safe_torch_load(model_file, map_location="cpu")["module"]

@@ -75,6 +75,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def gather_per_rank(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (collective). DeepSpeed keeps only rank 0's client state under ZeRO
+    0-2, so per-rank state (each rank's loader position) travels inside it as a list."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def this_ranks(values: list[Any] | None) -> Any | None:
+    """This rank's entry of a `gather_per_rank` list saved in a checkpoint; None if the world size changed."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not values or len(values) != world:
+        return None
+    return values[_rank()]
+
+
 def save(engine, ckpt_dir: str | os.PathLike, iteration: int, client_state: dict[str, Any], keep_last: int) -> CheckpointRef:
     """Collective: EVERY rank must call this (a rank-0-only save deadlocks ZeRO, DeepSpeed issue 2993)."""
     root = Path(ckpt_dir)
@@ -170,14 +188,17 @@ def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
             zero_to_fp32.torch = real_torch
         # zero_to_fp32 leaves out frozen parameters for ZeRO-1: they were never updated, so the module's
         # own copy in the model-states file is exact (under ZeRO-3 those copies are empty placeholders).
-        module = safe_torch_load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu").get("module") or {}
+        model_file = ref.path / "mp_rank_00_model_states.pt"  # stages 1-2 (stage 3 stores per-rank files)
+        module = safe_torch_load(model_file, map_location="cpu").get("module") or {} if model_file.is_file() else {}
         for k, v in module.items():
             if k not in state and v.numel() > 0:
                 state[k] = v
     else:  # ZeRO stage 0: the module's weights are stored whole
         model_file = ref.path / "mp_rank_00_model_states.pt"
         state = safe_torch_load(model_file, map_location="cpu")["module"]
-    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    # fp32 for weights (bf16 training included); integer buffers (BatchNorm's counters) keep their dtype.
+    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in state.items()}
     tmp = out.with_suffix(out.suffix + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)

@@ -172,7 +172,10 @@ def _log_model(mlflow, network, iteration: int, extra_files: list[str]):
     import mlflow.pytorch
 
     # Explicit requirements: MLflow's inference of them would re-import the model in a subprocess (slow).
+    # "pickle": MLflow 3's default pt2 export traces forward() with an input example, which a memory-based VOS
+    # network has no single form of. The consolidated state dict rides along (extra_files) for weights_only loads.
     return mlflow.pytorch.log_model(
         pytorch_model=network, name=f"ckpt-iter{iteration:07d}", step=iteration, extra_files=extra_files,
+        serialization_format="pickle",
         pip_requirements=["torch", "timm", "numpy", "opencv-python"], tags={"iteration": str(iteration)},
     )

@@ -162,7 +162,12 @@ class Trainer:
             state = checkpoint.load(self.engine, self.resume_from)
             self.iteration = int(state["iteration"])
             self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-            self.loader.load_state_dict(state["loader"])
+            loader_state = checkpoint.this_ranks(state.get("loader_per_rank"))
+            if loader_state is None:  # saved by a different world size: each rank's stream restarts, re-seeded
+                log.warning("checkpoint %s was written by another world size; the data streams restart",
+                            self.resume_from.path)
+            else:
+                self.loader.load_state_dict(loader_state)
             log.info("resumed from %s at iteration %d", self.resume_from.path, self.iteration)
         if self.rank == 0:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
@@ -209,10 +214,10 @@ class Trainer:
     def run(self) -> None:
         from training import optim
 
-        cfg, torch = self.cfg, self.torch
+        cfg = self.cfg
         total, stop_at = cfg.train.iterations, cfg.train.stop_after or cfg.train.iterations
         it_loader = iter(self.loader)
-        status = "FINISHED"
+        status = "KILLED"  # until the loop ends normally
         try:
             while self.iteration < min(total, stop_at):
                 t_start = time.time()
@@ -226,18 +231,20 @@ class Trainer:
                 if cfg.validation.every and (self.iteration % cfg.validation.every == 0
                                              or (last and self.iteration == total and cfg.validation.at_end)):
                     self._validate()
+            status = "FINISHED"
         except NonFiniteLossError:
             status = "FAILED"
             raise
         finally:
+            # A run stopped early (train.stop_after, an error) is continued by the relaunch: MLflow keeps its id.
             self.tracker.end(status)
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        self.dist.barrier()
+        self.dist.destroy_process_group()
 
     def _one_iteration(self, it_loader) -> tuple[dict[str, float], float]:
         """One optimizer step = `accumulation` good micro-batches; a non-finite one is dropped and counted."""
         torch, cfg = self.torch, self.cfg
-        done, data_wait = 0, 0.0
+        done, data_wait, clips = 0, 0.0, 0
         sums: dict[str, float] = {}
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         while done < self.split.accumulation:
@@ -265,15 +272,18 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             done += 1
+            clips += int(batch["rgb"].shape[0])
             for k, v in out.items():
                 if k == "total_loss" or k.startswith("loss/"):
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())
         terms = {k: v / self.split.accumulation for k, v in sums.items()}
         keys = sorted(terms)
-        vec = torch.tensor([terms[k] for k in keys] + [data_wait], dtype=torch.float64, device=self.device)
+        vec = torch.tensor([terms[k] for k in keys] + [data_wait, clips], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(vec)
-        vec /= self.world
-        return dict(zip(keys, vec[:-1].tolist(), strict=True)), float(vec[-1])
+        means = (vec[:-1] / self.world).tolist()
+        terms = dict(zip(keys, means[:-1], strict=True))
+        terms["clips"] = int(vec[-1].item())  # clips in this optimizer step over all ranks (= the global batch)
+        return terms, means[-1]
 
     def _record(self, terms: dict[str, float], lr: float, data_wait: float, seconds: float) -> None:
         if self.rank != 0:
@@ -283,7 +293,8 @@ class Trainer:
             f.write(json.dumps({"iteration": self.iteration, "lr": lr, **terms}) + "\n")
         if self.iteration % self.cfg.tracking.log_every and self.iteration != 1:
             return
-        metrics = {f"train/{k.removeprefix('loss/')}" if k != "total_loss" else "train/loss": v for k, v in terms.items()}
+        metrics = {f"train/{k.removeprefix('loss/')}" if k != "total_loss" else "train/loss": v
+                   for k, v in terms.items() if k != "clips"}
         metrics.update({"train/lr": lr, "train/clips_per_s": self.split.global_batch / max(seconds, 1e-9),
                         "train/data_wait_s": data_wait, "train/seconds_per_it": seconds,
                         "train/memory_mb": _memory_mb(), "train/nonfinite_skipped": self.nonfinite_total})
@@ -298,7 +309,8 @@ class Trainer:
     def _save(self):
         from training import checkpoint
 
-        client_state = {"iteration": self.iteration, "loader": self.loader.state_dict(),
+        per_rank = checkpoint.gather_per_rank(self.loader.state_dict())  # ZeRO 0-2 keep rank 0's client state only
+        client_state = {"iteration": self.iteration, "loader": per_rank[self.rank], "loader_per_rank": per_rank,
                         "mlflow_run_id": self.run_id, "config_hash": self.cfg.hash(),
                         "nonfinite_in_a_row": self.nonfinite_in_a_row}
         return checkpoint.save(self.engine, self.ckpt_dir, self.iteration, client_state, self.cfg.checkpoint.keep_last)

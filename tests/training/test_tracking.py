@@ -63,3 +63,47 @@ def test_one_run_params_resume_and_outage(cfg, tmp_path, monkeypatch):
 def test_metric_names():
     assert tracking.metric_key("val/J&F") == "val/JF"
     assert tracking.VAL_METRICS["J&F-Mean"] == "val/JF"
+
+
+def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypatch):
+    """Each validated checkpoint is an MLflow 3 LoggedModel (step = iteration) carrying its val J&F/J/F;
+    training.select registers the best one and points the alias `champion` at it."""
+    import numpy as np
+    import torch
+
+    from training import select
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    weights = tmp_path / "w.pt"
+    uris = {}
+    for it, jf in ((10, 0.41), (20, 0.73), (30, 0.58)):
+        net = torch.nn.Linear(2, 2)
+        torch.save(net.state_dict(), weights)
+        scores = {"J&F-Mean": jf, "J-Mean": jf - 0.01, "F-Mean": jf + 0.01, "fps": 3.0}
+        overlay = {"seq_00005": np.zeros((8, 8, 3), np.uint8)}
+        uris[it] = t.log_checkpoint(net, it, scores, [str(weights)], overlay)
+    t.end()
+    assert all(u and u.startswith("models:/") for u in uris.values())
+
+    champ = select.select("tracking-test", "val/J&F", tracking_uri=cfg.tracking.tracking_uri)
+    assert champ.iteration == 20 and champ.score == pytest.approx(0.73)
+    assert champ.logged_model_uri == uris[20] and champ.alias_uri == "models:/tracking-test-champion@champion"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version_by_alias("tracking-test-champion", "champion")
+    assert str(version.version) == champ.version
+    model = mlflow.get_logged_model(champ.model_id)
+    keys = {(m.key, m.step) for m in model.metrics}
+    assert {("val/JF", 20), ("val/J", 20), ("val/F", 20)} <= keys
+    assert model.source_run_id == t.run_id
+    history = client.get_metric_history(t.run_id, "val/JF")
+    assert sorted((m.step, round(m.value, 2)) for m in history) == [(10, 0.41), (20, 0.73), (30, 0.58)]
+    images = [a.path for a in client.list_artifacts(t.run_id, "images")]
+    assert any("overlay" in p for p in images)  # mask overlays were logged as images
+    # A second selection after a better checkpoint arrives moves the alias.
+    t2 = tracking.Tracker(cfg, rank=0, resume_run_id=t.run_id)
+    t2.log_checkpoint(torch.nn.Linear(2, 2), 40, {"J&F-Mean": 0.9}, [str(weights)])
+    t2.end()
+    champ2 = select.select("tracking-test", tracking_uri=cfg.tracking.tracking_uri)
+    assert champ2.iteration == 40 and champ2.version != champ.version
+    assert str(client.get_model_version_by_alias("tracking-test-champion", "champion").version) == champ2.version

@@ -1,0 +1,54 @@
+"""Pixel encoders: image → [f16, f8, f4] feature maps at strides 16, 8 and 4.
+
+`build_pixel_encoder(cfg, drop_path)` takes the `pixel_encoder:` mapping of a model YAML (keys in
+`model.encoders.config`) and returns an `nn.Module` with `ms_dims` (channels of f16, f8, f4) whose
+`forward(image)` takes an ImageNet-normalised (B,3,H,W) batch, H and W multiples of 32.
+
+    resnet50 / resnet18     Cutie's ResNet (layers 1-3)
+    vit                     frozen ViT block-group features, upsampled ("+ViT")
+    vit_spatial             + spatial prior and deformable spatial-dependency blocks ("+spatial")
+    vit_spatial_semantic    + semantic injection from CLS and the mean token (full S3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from model.encoders.config import PixelEncoderConfig, parse_pixel_encoder_config
+from model.encoders.resnet import ResNetEncoder, load_resnet_weights
+from model.encoders.spatial_semantic import SpatialSemanticEncoder
+from model.encoders.vit_features import ViTFeatureEncoder
+
+__all__ = [
+    "PixelEncoderConfig",
+    "ResNetEncoder",
+    "SpatialSemanticEncoder",
+    "ViTFeatureEncoder",
+    "build_pixel_encoder",
+    "parse_pixel_encoder_config",
+]
+
+
+def build_pixel_encoder(cfg: Mapping[str, Any] | PixelEncoderConfig, drop_path: float = 0.0) -> nn.Module:
+    """Build the encoder the config names and, for `init: file`, load its weights (errors name the file)."""
+    if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path={drop_path!r}: expected a rate in [0, 1)")
+    parsed = parse_pixel_encoder_config(cfg)
+    if parsed.type in ("resnet50", "resnet18"):
+        encoder: nn.Module = ResNetEncoder(parsed)
+    elif parsed.type == "vit":
+        encoder = ViTFeatureEncoder(parsed)
+    else:
+        encoder = SpatialSemanticEncoder(parsed, drop_path=float(drop_path))
+    encoder.config = parsed
+    if parsed.init == "file":
+        if parsed.is_vit:
+            from model.weights import load_backbone_weights
+
+            load_backbone_weights(encoder, parsed.weights)
+        else:
+            load_resnet_weights(encoder, parsed.weights)
+    return encoder

@@ -1,0 +1,178 @@
+"""Load the ViT weights of a Depth-Anything (V1 or V2), DINOv2 or timm checkpoint into our stride-16 ViT.
+
+Key mapping (spec section 7): Depth-Anything stores the ViT under `pretrained.` next to a `depth_head.*`
+DPT head; DINOv2 / timm dicts store it at the top level. All other names already match timm's
+`VisionTransformer`. We drop `mask_token` (unused by a ViT run without masking) and `depth_head.*`,
+resize the 14×14 patch kernel to 16×16 (bilinear, align_corners=True, magnitude unchanged, as S3 does)
+and keep the 37×37 `pos_embed` as it is (it is interpolated at run time).
+
+Every ViT parameter must be present: a missing key raises instead of leaving random weights behind.
+Unexpected keys raise too unless the caller allows them; either way the report lists them.
+No download ever happens here; a missing file raises FileNotFoundError naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from model.encoders.vit_backbone import interpolate_pos_embed
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("model", "state_dict", "module")
+DROPPED_KEYS = ("mask_token",)
+DROPPED_PREFIXES = ("depth_head.",)
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 with block_chunks > 0
+
+
+@dataclass
+class LoadReport:
+    path: str
+    layout: str  # "depth_anything" (V1 and V2 share it) or "vit" (plain DINOv2 / timm)
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.path} ({self.layout} layout): loaded {len(self.loaded)} ViT tensors, "
+            f"dropped {len(self.dropped)} non-ViT keys, resized {self.resized}, "
+            f"missing {self.missing}, unexpected {self.unexpected}"
+        )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True) a checkpoint and unwrap `model` / `state_dict` / `module` wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file not found: {path} (no download happens at run time; put the checkpoint there "
+            f"or set `init: random` for a randomly initialised model)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors have many types
+        raise ValueError(f"{path}: cannot read as a PyTorch state dict ({err})") from err
+    while isinstance(state, dict):
+        wrapper = [k for k in WRAPPER_KEYS if k in state and isinstance(state[k], dict)]
+        if not wrapper or any(torch.is_tensor(v) for v in state.values()):
+            break
+        state = state[wrapper[0]]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{path}: expected a non-empty state dict, got {type(state).__name__}")
+    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise ValueError(f"{path}: entries that are not tensors: {not_tensors[:10]}")
+    return state
+
+
+def find_vit(network_or_vit: nn.Module) -> VisionTransformer:
+    """The single timm VisionTransformer inside a network, encoder, or the ViT itself."""
+    if isinstance(network_or_vit, VisionTransformer):
+        return network_or_vit
+    found = [m for m in network_or_vit.modules() if isinstance(m, VisionTransformer)]
+    if len(found) != 1:
+        raise ValueError(f"{type(network_or_vit).__name__} holds {len(found)} ViTs; expected exactly one")
+    return found[0]
+
+
+def to_vit_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """Map checkpoint keys to timm ViT names → (mapped, dropped keys, layout name)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    dropped: list[str] = []
+    if any(k.startswith("pretrained.") for k in state):
+        layout = "depth_anything"
+        mapped = {}
+        for key, value in state.items():
+            if key.startswith("pretrained."):
+                mapped[key.removeprefix("pretrained.")] = value
+            elif key.startswith(DROPPED_PREFIXES):
+                dropped.append(key)
+            else:
+                mapped[key] = value  # reported as unexpected below
+    else:
+        layout = "vit"
+        mapped = dict(state)
+    for key in list(mapped):
+        if key in DROPPED_KEYS:
+            dropped.append(key if layout == "vit" else f"pretrained.{key}")
+            del mapped[key]
+    renamed = {}
+    for key, value in mapped.items():
+        renamed[_CHUNKED_BLOCK.sub(r"blocks.\1.", key)] = value
+    return renamed, sorted(dropped), layout
+
+
+def resize_patch_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, 3, 14, 14) → (C, 3, 16, 16), bilinear with align_corners=True, magnitude not rescaled."""
+    resized = F.interpolate(weight.float(), size=size, mode="bilinear", align_corners=True)
+    return resized.to(weight.dtype)
+
+
+def load_backbone_state_dict(
+    network_or_vit: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str = "<state dict>",
+    allow_unexpected: bool = False,
+) -> LoadReport:
+    """Load an in-memory checkpoint dict (any supported layout) into the ViT; see the module docstring."""
+    vit = find_vit(network_or_vit)
+    mapped, dropped, layout = to_vit_keys(state)
+    report = LoadReport(path=source, layout=layout, dropped=dropped)
+    target = vit.state_dict()
+    report.missing = sorted(k for k in target if k not in mapped)
+    report.unexpected = sorted(k for k in mapped if k not in target)
+    if report.missing:
+        raise ValueError(
+            f"{source}: {len(report.missing)} ViT weights missing from the checkpoint "
+            f"(refusing a partial load): {report.missing[:20]}"
+        )
+    if report.unexpected and not allow_unexpected:
+        raise ValueError(f"{source}: {len(report.unexpected)} unexpected keys: {report.unexpected[:20]}")
+
+    to_load = {}
+    for key, want in target.items():
+        value = mapped[key]
+        if (
+            key == "patch_embed.proj.weight"
+            and value.shape[:2] == want.shape[:2]
+            and value.shape != want.shape
+        ):
+            value = resize_patch_kernel(value, tuple(want.shape[-2:]))
+            report.resized.append(f"{key} {tuple(mapped[key].shape[-2:])}->{tuple(want.shape[-2:])}")
+        elif key == "pos_embed" and value.shape[-1] == want.shape[-1] and value.shape != want.shape:
+            side = int(round((want.shape[1] - 1) ** 0.5))
+            value = interpolate_pos_embed(value, side, side)
+            report.resized.append(f"{key} {tuple(mapped[key].shape)}->{tuple(want.shape)}")
+        if value.shape != want.shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the model wants {tuple(want.shape)} "
+                f"(a different ViT size?)"
+            )
+        to_load[key] = value
+    vit.load_state_dict(to_load, strict=True)
+    report.loaded = sorted(to_load)
+    if report.unexpected:
+        log.warning("%s: ignored unexpected keys %s", source, report.unexpected)
+    log.info("%s", report.summary())
+    return report
+
+
+def load_backbone_weights(
+    network_or_vit: nn.Module, path: str | Path, allow_unexpected: bool = False
+) -> LoadReport:
+    """Read `path` (Depth-Anything V1/V2, DINOv2 or timm ViT) and load it into the network's ViT."""
+    state = read_state_dict(path)
+    return load_backbone_state_dict(
+        network_or_vit, state, source=str(path), allow_unexpected=allow_unexpected
+    )

@@ -107,38 +107,22 @@ def score_network(weights: Path | None, demo: Path, name: str) -> dict:
                             out_dir=demo / "eval" / name)
 
 
-def copy_first_mask_baseline(demo: Path, env: dict[str, str]) -> dict:
-    """Predict every frame as the first frame's mask, then score it with the evaluator's --predictions mode."""
-    import numpy as np
-    from PIL import Image
-
-    davis = demo / "data" / "DAVIS"
-    pred_root = demo / "eval" / "copy_first_mask"
-    for seq in (davis / "ImageSets" / "2017" / "val.txt").read_text().split():
-        masks = sorted((davis / "Annotations" / "480p" / seq).glob("*.png"))
-        first = Image.open(masks[0])
-        frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        (pred_root / seq).mkdir(parents=True, exist_ok=True)
-        for f in frames:
-            out = Image.fromarray(np.array(first), mode="P")
-            if first.mode == "P":
-                out.putpalette(first.getpalette())
-            out.save(pred_root / seq / (f.stem + ".png"))
-    scores = demo / "eval" / "copy_first_mask_scores"
-    _run([sys.executable, "-m", "training.evaluate", "--predictions", str(pred_root), "--data", str(davis),
-          "--format", "davis", "--split", "val", "--out", str(scores)], env=env)
-    return read_global_csv(scores)
+# Test-sized training (tests/training): the same demo config, a smaller crop, so a launch takes seconds.
+SMALL_TRAIN = ["data.crop_size=64"]
 
 
-def read_global_csv(folder: Path) -> dict:
-    import csv
+def make_data(root: Path, small: bool = False, env: dict[str, str] | None = None) -> int:
+    """Synthesize the five datasets under root/data, shard them with the Ray job into root/shards; clip count.
 
-    path = next(iter(sorted(folder.rglob("*global*.csv"))), None)
-    if path is None:
-        raise FileNotFoundError(f"no global results CSV under {folder}")
-    with open(path) as f:
-        row = next(csv.DictReader(f))
-    return {k: float(v) for k, v in row.items() if k}
+    Both steps are resumable: a rerun keeps finished datasets and shards.
+    """
+    env = env or _env()
+    if not (root / "data" / "DAVIS").is_dir():
+        cmd = [sys.executable, "-m", "data_pipeline.synth", "--out", str(root / "data"), "--seed", "0"]
+        _run(cmd + (["--small"] if small else []), env=env)
+    _run([sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root",
+          str(root / "data"), "--out", str(root / "shards")], env=env)
+    return count_clips(root / "shards")
 
 
 def main() -> int:
@@ -148,15 +132,9 @@ def main() -> int:
     t_all = time.time()
     times: dict[str, float] = {}
 
-    t = _step("1/5 synthesize the five datasets in their native layouts")
-    if not (demo / "data" / "DAVIS").is_dir():
-        _run([sys.executable, "-m", "data_pipeline.synth", "--out", str(demo / "data"), "--seed", "0"], env=env)
-    times["synthesize_s"] = time.time() - t
-
-    t = _step("2/5 shard them into WebDataset tars with the Ray job (local Ray)")
-    _run([sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root",
-          str(demo / "data"), "--out", str(demo / "shards")], env=env)  # resumable: finished shards are skipped
-    times["shard_s"] = time.time() - t
+    t = _step("1-2/5 synthesize the five datasets in their native layouts, shard them with the Ray job")
+    clips = make_data(demo, env=env)
+    times["data_s"] = time.time() - t
 
     t = _step("3/5 train demo_cpu.yaml: deepspeed, 2 CPU ranks, ZeRO-2, validation into MLflow")
     run_training(demo, env)  # a rerun resumes from the last complete checkpoint (or returns at once when done)
@@ -178,7 +156,9 @@ def main() -> int:
     weights = champion_weights(champ.alias_uri, tracking_uri, dl)
     trained = score_network(weights, demo, "champion")
     untrained = score_network(None, demo, "untrained")
-    baseline = copy_first_mask_baseline(demo, env)
+    from training.evaluate import copy_first_mask_baseline
+
+    baseline = copy_first_mask_baseline(demo / "data" / "DAVIS", demo / "eval" / "copy_first_mask")
     times["evaluate_s"] = time.time() - t
 
     from training.train import read_loss_log
@@ -186,7 +166,7 @@ def main() -> int:
     losses = read_loss_log(demo / "train")
     summary = {
         "demo_dir": str(demo),
-        "clips_written": count_clips(demo / "shards"),
+        "clips_written": clips,
         "iterations_trained": losses[-1]["iteration"] if losses else 0,
         "first_loss": losses[0]["total_loss"] if losses else None,
         "last_loss": losses[-1]["total_loss"] if losses else None,
@@ -208,8 +188,9 @@ def main() -> int:
     (demo / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== summary (" + str(demo / "summary.json") + ")")
     print(f"clips written        {summary['clips_written']}")
-    print(f"iterations trained   {summary['iterations_trained']}  (loss {summary['first_loss']:.3f} → "
-          f"{summary['last_loss']:.3f})")
+    if losses:
+        print(f"iterations trained   {summary['iterations_trained']}  (loss {losses[0]['total_loss']:.3f} → "
+              f"{losses[-1]['total_loss']:.3f})")
     print(f"champion             {champ.alias_uri}  (iteration {champ.iteration})")
     print(f"val J&F  champion {trained['J&F-Mean']:.4f} | untrained {untrained['J&F-Mean']:.4f} | "
           f"copy-first-mask {baseline['J&F-Mean']:.4f}")

@@ -217,6 +217,10 @@ class Trainer:
         cfg = self.cfg
         total, stop_at = cfg.train.iterations, cfg.train.stop_after or cfg.train.iterations
         it_loader = iter(self.loader)
+        from tqdm import tqdm
+
+        bar = tqdm(total=min(total, stop_at), initial=self.iteration, desc="train", unit="it", mininterval=5.0,
+                   disable=self.rank != 0, dynamic_ncols=True)
         status = "KILLED"  # until the loop ends normally
         try:
             while self.iteration < min(total, stop_at):
@@ -225,6 +229,8 @@ class Trainer:
                 terms, data_wait = self._one_iteration(it_loader)
                 self.iteration += 1
                 self._record(terms, lr, data_wait, time.time() - t_start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms.get('total_loss', float('nan')):.4f}", lr=f"{lr:.1e}", refresh=False)
                 last = self.iteration in (total, stop_at)
                 if self.iteration % cfg.checkpoint.every == 0 or last:
                     self._save()
@@ -236,10 +242,12 @@ class Trainer:
             status = "FAILED"
             raise
         finally:
+            bar.close()
             # A run stopped early (train.stop_after, an error) is continued by the relaunch: MLflow keeps its id.
             self.tracker.end(status)
-        self.dist.barrier()
-        self.dist.destroy_process_group()
+            if status != "KILLED":  # every rank got here together (the non-finite check is all-reduced)
+                self.dist.barrier()  # rank 0 has closed the MLflow run before any rank exits
+                self.dist.destroy_process_group()
 
     def _one_iteration(self, it_loader) -> tuple[dict[str, float], float]:
         """One optimizer step = `accumulation` good micro-batches; a non-finite one is dropped and counted."""

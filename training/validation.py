@@ -23,16 +23,12 @@ PALETTE = np.array([[0, 0, 0], [220, 40, 40], [40, 200, 60], [40, 90, 230], [230
 def strip_wrapper_prefix(state: dict[str, torch.Tensor], network: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The engine wraps the network in the training wrapper: map 'network.x' (or similar) back to 'x'."""
     wanted = set(network.state_dict())
-    if wanted <= set(state):
-        return {k: state[k] for k in wanted}
-    for key in state:
-        for w in wanted:
-            if key.endswith("." + w):
-                prefix = key[: -len(w)]
-                stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                if wanted <= set(stripped):
-                    return {k: stripped[k] for k in wanted}
-        break
+    probe = next(iter(sorted(wanted)))
+    prefixes = [""] + sorted({k[: -len(probe)] for k in state if k.endswith("." + probe)}, key=len)
+    for prefix in prefixes:
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if wanted <= set(stripped):
+            return {k: stripped[k] for k in wanted}
     missing = sorted(wanted - set(state))[:5]
     raise KeyError(f"consolidated checkpoint does not hold the network's weights (e.g. {missing})")
 

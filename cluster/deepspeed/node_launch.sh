@@ -12,6 +12,7 @@
 #   MASTER_PORT                    default: 29500 (+ SLURM_JOB_ID % 1000 to keep two jobs on a node apart)
 #   GPUS_PER_NODE                  default: SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists
 #   LAUNCHER                       deepspeed (default: `deepspeed --no_ssh --node_rank`) or torchrun (c10d rendezvous)
+#   TRAIN_SCRIPT                   default: training/train.py (what each rank runs, with --config CONFIG ...)
 #   ENV_FILE                       default: cluster/deepspeed/nccl.env (its variables that are not already set
 #                                  in the environment are exported before the launch)
 set -euo pipefail
@@ -58,6 +59,7 @@ if [[ -f $env_file ]]; then
 fi
 
 launcher=${LAUNCHER:-deepspeed}
+script=${TRAIN_SCRIPT:-training/train.py}
 echo "[node $node_rank/$nnodes on $(hostname)] $launcher: $GPUS_PER_NODE ranks, master $master_addr:$master_port" >&2
 case $launcher in
 deepspeed)
@@ -67,12 +69,13 @@ deepspeed)
     sed "s/\$/ slots=$GPUS_PER_NODE/" <<<"$hosts" >"$hostfile"
     ${DEEPSPEED:-deepspeed} --hostfile "$hostfile" --no_ssh --num_nodes "$nnodes" --node_rank "$node_rank" \
         --num_gpus "$GPUS_PER_NODE" --master_addr "$master_addr" --master_port "$master_port" \
-        training/train.py --config "$config" "$@"
+        "$script" --config "$config" "$@"
     ;;
 torchrun)
     ${TORCHRUN:-torchrun} --nnodes "$nnodes" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$node_rank" \
         --rdzv_backend c10d --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${SLURM_JOB_ID:-s3vos}" \
-        training/train.py --config "$config" "$@"
+        --rdzv_conf "is_host=$([[ $node_rank == 0 ]] && echo true || echo false)" \
+        "$script" --config "$config" "$@"
     ;;
 *)
     echo "error: LAUNCHER must be deepspeed or torchrun, got '$launcher'" >&2

@@ -48,7 +48,8 @@ def deformable_sample(
                 align_corners=False,
             )
         )  # (B·heads, D, Q, points)
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (B·heads, D, Q, levels·points)
+    # (B·heads, D, Q, levels·points); one level (S3's case) needs no copy
+    stacked = sampled[0] if levels == 1 else torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     out = (stacked * weights.to(stacked.dtype)).sum(-1)  # (B·heads, D, Q)
     return out.reshape(batch, heads * head_dim, queries).transpose(1, 2)

@@ -3,6 +3,7 @@ and process cleanup that only ever touches the processes these tests started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,16 +85,12 @@ def stop_pids(pids: Iterable[int], grace: float = 10.0) -> None:
         except psutil.NoSuchProcess:
             continue
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=grace)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
 
 
@@ -138,8 +135,12 @@ def single_node_shards(synth_root, tmp_path_factory) -> Path:
     """The reference: the sharding job on one machine (its own local Ray), written once per session."""
     _need(ROOT / "data_pipeline" / "shard.py", "data_pipeline.shard")
     out = tmp_path_factory.mktemp("cluster-shards") / "single"
-    run([sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root", str(synth_root),
-         "--out", str(out)], timeout=400)
+    ns = LoopbackNamespace()  # its local Ray stays on loopback too
+    try:
+        run([*ns.prefix, sys.executable, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root",
+             str(synth_root), "--out", str(out)], timeout=400)
+    finally:
+        ns.close()
     assert shard_files(out), f"the single-node run wrote no tars under {out}"
     return out
 
@@ -152,3 +153,38 @@ def short_tmp():
     d = Path(tempfile.mkdtemp(prefix="cluster-", dir="/tmp"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+class LoopbackNamespace:
+    """A private network namespace holding only a loopback interface, kept alive by one `sleep` process.
+
+    Commands prefixed with `self.prefix` run inside it: everything they open is on 127.0.0.1, unreachable from
+    outside and unable to reach out, and their ports cannot collide with other test runs on this machine. (Ray in
+    particular swaps a 127.0.0.1 node address for the host's routable address when it finds one; here there is
+    none, so the whole cluster stays on loopback.)
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+            raise RuntimeError("unshare/nsenter (util-linux) are needed for a loopback-only namespace")
+        self._holder = subprocess.Popen(
+            ["unshare", "--net", "--fork", "sh", "-c", "ip link set lo up && exec sleep 86400"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 20
+        self.pid = None
+        while time.monotonic() < deadline and self._holder.poll() is None:
+            children = psutil.Process(self._holder.pid).children()
+            if children and children[0].name() == "sleep":
+                self.pid = children[0].pid
+                break
+            time.sleep(0.05)
+        if self.pid is None:
+            err = self._holder.stderr.read().decode() if self._holder.poll() is not None else "timeout"
+            self.close()
+            raise RuntimeError(f"could not create a network namespace: {err}")
+        self.prefix = ["nsenter", f"--net=/proc/{self.pid}/ns/net"]
+
+    def close(self) -> None:
+        stop_pids(process_tree(self._holder.pid), grace=5)

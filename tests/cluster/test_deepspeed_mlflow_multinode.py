@@ -49,7 +49,7 @@ def mlflow_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(d / "server.log", "w")
+    log = open(d / "server.log", "w")  # noqa: SIM115 (the server writes to it until the fixture ends)
     env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -79,7 +79,7 @@ def _launch_two_nodes(tmp: Path, overrides: list[str], tracking_uri: str, tag: s
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GPUS_PER_NODE="1",
             GLOO_SOCKET_IFNAME="lo",  # loopback only (nccl.env's eth0 default is for real clusters)
             MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=str(tmp))
-        log = open(tmp / f"{tag}-node{rank}.log", "w")
+        log = open(tmp / f"{tag}-node{rank}.log", "w")  # noqa: SIM115 (closed below, after the launch)
         logs.append(log)
         procs.append(subprocess.Popen(
             ["bash", str(ROOT / "cluster" / "deepspeed" / "node_launch.sh"), "training/configs/demo_cpu.yaml",
@@ -172,3 +172,34 @@ def test_training_logs_over_http_and_select_sets_the_alias_through_the_server(tw
     mlflow.set_tracking_uri(mlflow_server)
     files = mlflow.artifacts.list_artifacts(artifact_uri=champ["alias_uri"])
     assert files, "the champion's artifacts are not reachable through the server"
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_converts_to_universal_for_another_world_size(two_node_run, tmp_path):
+    """cluster/deepspeed/to_universal.sh on the two-rank ZeRO-2 checkpoint: every parameter whole (fp32 weights +
+    both Adam moments), equal to the consolidated weights, with the trainer's client state and a completion marker."""
+    import torch
+
+    from training import checkpoint
+
+    src = two_node_run["out"] / "checkpoints"
+    dst = tmp_path / "universal"
+    run(["bash", str(ROOT / "cluster" / "deepspeed" / "to_universal.sh"), str(src), str(dst)],
+        env=base_env(PYTHON=sys.executable, WORKERS="1"), timeout=240)
+    newest = checkpoint.latest_complete(src)
+    ref = checkpoint.latest_complete(dst)
+    assert ref is not None and ref.tag == newest.tag
+    assert ref.marker()["universal"] is True and ref.marker()["world_size"] == 2
+    consolidated = torch.load(checkpoint.consolidate(newest, tmp_path / "fp32.pt"), map_location="cpu",
+                              weights_only=True)
+    zero = ref.path / "zero"
+    names = {p.name for p in zero.iterdir()}
+    assert names, "the universal checkpoint holds no parameters"
+    for name in names:
+        fp32 = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=True)["param"]
+        key = next(k for k in consolidated if k == name or k.endswith("." + name) or name.endswith("." + k))
+        assert torch.equal(fp32.reshape(consolidated[key].shape), consolidated[key]), name
+    trained = [n for n in names if (zero / n / "exp_avg.pt").is_file()]
+    assert trained and all((zero / n / "exp_avg_sq.pt").is_file() for n in trained)
+    client = checkpoint.safe_torch_load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu")
+    assert client["iteration"] == newest.iteration and client["mlflow_run_id"] == two_node_run["info"]["mlflow_run_id"]

@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,11 @@ def _kubernetes_docs() -> list[tuple[Path, dict]]:
 
 
 def _pyproject_pins() -> dict[str, str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """name → version spec of pyproject.toml's [project] dependencies (read as text: tomllib is 3.11+)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text[text.index("dependencies = ["):]
+    block = block[:block.index("\n]")]
+    deps = re.findall(r'^\s*"([^"]+)"', block, flags=re.M)
     pins = {}
     for d in deps:
         m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(.*)$", d)
@@ -130,10 +133,12 @@ def test_every_yaml_parses():
 
 
 def test_ray_up_config_passes_rays_schema():
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = yaml.safe_load((CLUSTER / "ray" / "cluster.yaml").read_text())
-    validate_config(cfg)  # raises on any key the ray-schema does not know or a wrong type
+    # What `ray up` does first: fill in the provider's defaults, then check against Ray's JSON schema (raises on
+    # any key the schema does not know, a wrong type, a missing required field).
+    validate_config(prepare_config(cfg))
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     assert types[cfg["head_node_type"]]["resources"].get("CPU") == 0, "the head must not run shard tasks"
@@ -143,14 +148,23 @@ def test_ray_up_config_passes_rays_schema():
     assert any("pip install" in c and "-e" in c for c in cfg["setup_commands"]), "nodes must install the project"
 
 
-def test_runtime_env_is_valid_and_pinned_like_pyproject():
+def test_runtime_envs_are_valid_and_pinned_like_pyproject():
     from ray.runtime_env import RuntimeEnv
 
-    env = yaml.safe_load((CLUSTER / "ray" / "runtime_env.yaml").read_text())
-    RuntimeEnv(**env)  # Ray's own validation of every field
+    plain = yaml.safe_load((CLUSTER / "ray" / "runtime_env.yaml").read_text())
+    RuntimeEnv(**plain)  # Ray's own validation of every field
+    assert plain["working_dir"] == "." and "pip" not in plain
+    env = yaml.safe_load((CLUSTER / "ray" / "runtime_env.pip.yaml").read_text())
+    RuntimeEnv(**env)
     assert env["working_dir"] == "."
     pins = _pyproject_pins()
-    for req in env["pip"]["packages"]:
+    packages = env["pip"]["packages"]
+    constraint = [p for p in packages if p.startswith("-c ")]
+    assert constraint == ["-c ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/constraints/cpu.txt"]
+    assert (ROOT / "constraints" / "cpu.txt").is_file()
+    for req in packages:
+        if req.startswith("-"):
+            continue
         m = re.match(r"^([A-Za-z0-9_.\-]+)(.*)$", req.replace(" ", ""))
         name, spec = m.group(1).lower(), m.group(2)
         assert name in pins, f"runtime_env pip '{name}' is not a project dependency"
@@ -304,3 +318,11 @@ def test_client_env_names_are_mlflow_settings():
             if ln and not ln.startswith("#"):
                 key = ln.split("=", 1)[0]
                 assert key in known, f"{f}: {key} is not an MLflow environment variable"
+
+
+def test_to_universal_refuses_a_folder_without_a_complete_checkpoint(tmp_path):
+    (tmp_path / "iter_0000010").mkdir()  # a save that died before its COMPLETE marker
+    r = subprocess.run(["bash", str(CLUSTER / "deepspeed" / "to_universal.sh"), str(tmp_path), str(tmp_path / "u")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr
+    assert not (tmp_path / "u").exists()

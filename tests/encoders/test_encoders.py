@@ -219,3 +219,13 @@ def test_full_s3_encoder_counts_and_davis_shape():
     with torch.no_grad():
         f16, f8, f4 = encoder(torch.randn(1, 3, 480, 864))
     assert (f16.shape, f8.shape, f4.shape) == ((1, 768, 30, 54), (1, 768, 60, 108), (1, 768, 120, 216))
+
+
+def test_bf16_autocast_forward_backward_is_finite():
+    torch.manual_seed(0)
+    encoder = build_pixel_encoder(tiny(), drop_path=0.15).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = encoder(torch.randn(2, 3, 64, 64))
+    sum(f.float().square().mean() for f in feats).backward()
+    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

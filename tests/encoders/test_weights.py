@@ -239,3 +239,15 @@ def test_real_size_key_names_match_depth_anything_and_timm_dinov2():
     assert len(report.loaded) == len(ours) == 4 + 2 + 12 * 14
     assert report.resized == ["patch_embed.proj.weight (14, 14)->(16, 16)"]
     assert vit.pos_embed.shape == (1, 1370, 768)
+
+
+def test_loader_finds_the_vit_inside_a_network():
+    network = torch.nn.Module()
+    network.pixel_encoder = tiny_encoder()
+    network.mask_encoder = timm.create_model("resnet18", pretrained=False)
+    state = depth_anything_state(1)
+    load_backbone_state_dict(network, state)
+    check_every_weight_arrived(network.pixel_encoder, state, "pretrained.")
+    network.second = tiny_encoder()
+    with pytest.raises(ValueError, match="2 ViTs"):
+        load_backbone_state_dict(network, state)

@@ -81,6 +81,14 @@ def main() -> None:
     eng2.backward(l2)
     eng2.step()
     report["same_loss_after_step"] = float(eng(x)) == float(eng2(x))  # optimizer state came back too
+    # The trainer sets the LR on the torch optimizer's groups each step (training.optim.set_lr): check that the
+    # ZeRO optimizer steps with those groups (LR 0 and weight decay → no change at all).
+    for group in eng2.optimizer.optimizer.param_groups if hasattr(eng2.optimizer, "optimizer") else []:
+        group["lr"] = 0.0
+    before = float(eng2(x))
+    eng2.backward(eng2(x))
+    eng2.step()
+    report["lr_zero_freezes_weights"] = float(eng2(x)) == before
     (root / f"report{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

@@ -30,4 +30,4 @@ def test_save_consolidate_load_on_two_ranks(stage, tmp_path):
     assert r0["client_iteration"] == r1["client_iteration"] == 3
     assert r0["client_loader"] == {"rank": 0, "it": 3} and r1["client_loader"] == {"rank": 1, "it": 3}
     for r in (r0, r1):
-        assert r["same_loss_after_load"] and r["same_loss_after_step"]
+        assert r["same_loss_after_load"] and r["same_loss_after_step"] and r["lr_zero_freezes_weights"]

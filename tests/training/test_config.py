@@ -103,3 +103,25 @@ def test_train_entry_point_fails_fast_on_bad_config(paths, capsys, monkeypatch):
 
     assert main(["--config", str(CONFIGS / "s3_mega.yaml"), *paths, "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_config_follows_the_training_config(stage, paths):
+    from training.optim import deepspeed_config
+
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths + [f"train.zero_stage={stage}"])
+    ds = deepspeed_config(cfg, split_global_batch(cfg, 4))
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 16 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 4
+    assert ds["gradient_clipping"] == 3.0
+    assert ds["bf16"]["enabled"] is False  # precision auto: fp32 on a machine without a GPU
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths + ["train.precision=bf16"])
+    assert deepspeed_config(cfg, split_global_batch(cfg, 1))["bf16"]["enabled"] is True
+
+
+def test_demo_config_loads(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "v").mkdir()
+    cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"data.shards={tmp_path / 's'}", f"validation.root={tmp_path / 'v'}"])
+    assert cfg.model.name == "tiny" and cfg.train.zero_stage == 2 and cfg.train.precision == "fp32"
+    assert split_global_batch(cfg, 2).world_size == 2

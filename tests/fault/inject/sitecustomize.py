@@ -8,15 +8,25 @@ S3VOS_FAULT      ';'-separated directives, each `what:key=value:key=value`:
   hold:save=SUBSTR:rank=R:name=N   after torch.save wrote its first file whose path contains SUBSTR on rank R
                                    (a checkpoint half on disk, before its completion marker)
   nan:forward=3,6-:rank=R          the inputs of those forward calls on rank R become NaN (a numerical fault)
+  hold:write=REGEX:nth=K:name=N    in the K-th write() this process makes to files whose path matches REGEX
+                                   (re.search): half of that write's bytes are written and flushed, then the
+                                   process holds, so the file is cut mid-write (a tar, a manifest) even when its
+                                   writer emits it in one call
+  hold:done=REGEX:nth=K:name=N     after the K-th file matching REGEX is complete: closed after writing, or the
+                                   target of an os.replace/os.rename (between two shards)
+Directives without `rank` apply in every process (Ray workers have no RANK: they count as rank 0 unless given).
 S3VOS_FAULT_DIR  where a held process writes N.held (JSON: pid, rank, point) and waits for N.release.
 """
 
 from __future__ import annotations
 
+import builtins
 import importlib.abc
 import importlib.machinery
+import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -33,7 +43,7 @@ def _parse(text: str) -> list[dict[str, str]]:
 
 DIRECTIVES = _parse(os.environ.get("S3VOS_FAULT", ""))
 FAULT_DIR = os.environ.get("S3VOS_FAULT_DIR", ".")
-_counts = {"forward": 0, "step": 0}
+_counts = {"forward": 0, "step": 0, "write": 0, "done": 0}
 _done: set[str] = set()
 
 
@@ -66,7 +76,7 @@ def hold(name: str, point: str) -> None:
 
 
 def _for_me(d: dict[str, str]) -> bool:
-    return int(d.get("rank", "0")) == _rank()
+    return "rank" not in d or int(d["rank"]) == _rank()
 
 
 def _patch_engine(module) -> None:
@@ -112,6 +122,96 @@ def _patch_torch(torch) -> None:
     torch.save = save
 
 
+# ------------------------------------------------------------------------------------------ file-level points
+
+_FILE_DIRECTIVES = [d for d in DIRECTIVES if d["what"] == "hold" and ("write" in d or "done" in d)]
+
+
+def _file_matches(kind: str, path: str) -> list[dict[str, str]]:
+    return [d for d in _FILE_DIRECTIVES if kind in d and _for_me(d) and re.search(d[kind], path)]
+
+
+def _event(kind: str, path: str) -> None:
+    hits = _file_matches(kind, path)
+    if not hits:
+        return
+    _counts[kind] += 1
+    for d in hits:
+        if _counts[kind] == int(d.get("nth", "1")):
+            hold(d["name"], f"{kind} {_counts[kind]} of {path}")
+
+
+class _WatchedFile:
+    """A file opened for writing whose path a directive names: counts its writes and its completion."""
+
+    def __init__(self, f, path: str):
+        self._f, self._path = f, path
+
+    def write(self, data):
+        hits = _file_matches("write", self._path)
+        if not hits:
+            return self._f.write(data)
+        _counts["write"] += 1
+        n = _counts["write"]
+        firing = [d for d in hits if n == int(d.get("nth", "1"))]
+        if not firing:
+            return self._f.write(data)
+        # Half of this very write reaches the disk, then the process holds: the file is cut mid-write even
+        # when its writer emits it in one call.
+        half = len(data) // 2
+        self._f.write(data[:half])
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        for d in firing:
+            hold(d["name"], f"write {n} of {self._path} (half written)")
+        self._f.write(data[half:])
+        return len(data)
+
+    def close(self):
+        closed = self._f.closed
+        self._f.close()
+        if not closed:
+            _event("done", self._path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _patch_files() -> None:
+    orig_open, orig_replace, orig_rename = builtins.open, os.replace, os.rename
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = orig_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax+") and isinstance(file, str | bytes | os.PathLike):
+            path = os.fsdecode(file)
+            if _file_matches("write", path) or _file_matches("done", path):
+                return _WatchedFile(f, path)
+        return f
+
+    def replace(src, dst, *args, **kwargs):
+        orig_replace(src, dst, *args, **kwargs)
+        if isinstance(dst, str | bytes | os.PathLike):
+            _event("done", os.fsdecode(dst))
+
+    def rename(src, dst, *args, **kwargs):
+        orig_rename(src, dst, *args, **kwargs)
+        if isinstance(dst, str | bytes | os.PathLike):
+            _event("done", os.fsdecode(dst))
+
+    builtins.open = io.open = open_
+    os.replace, os.rename = replace, rename
+
+
 _PATCHES = {"deepspeed.runtime.engine": _patch_engine, "torch": _patch_torch}
 
 
@@ -136,3 +236,5 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 if DIRECTIVES:
     sys.meta_path.insert(0, _PatchAfterImport())
+if _FILE_DIRECTIVES:
+    _patch_files()

@@ -1,0 +1,189 @@
+"""Training-loader throughput, clips/s per worker (one process each, same machine, same run):
+
+  (a) data_pipeline.loader from WebDataset shards (decode + Cutie augmentation + collate);
+  (b) the same clips and augmentations read from the raw dataset folders frame by frame, as Cutie does
+      (JPEGImages/<video>/<frame>.jpg + Annotations/<video>/<frame>.png, one file per frame);
+  (c) the ceiling: bare decode of 8 JPEGs + 8 PNGs per clip from the shards, no augmentation.
+
+Prints (a)/(b) and (a)/(c). The raw folders: `--raw-root` (a DAVIS/YouTube-VOS layout, e.g. one written by
+`python -m data_pipeline.synth`) or, by default, a generated 480p textured set under /tmp. The shards for (a) and
+(c) are written from exactly the clips (b) reads (contract format, docs/architecture.md section 2), so the only
+difference between (a) and (b) is the storage. Usage:
+
+    python benchmarks/bench_loader.py [--raw-root DIR] [--clips 40] [--crop 480] [--workdir /tmp/bench-loader]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline import augment as A  # noqa: E402
+from data_pipeline.loader import build_train_loader, decode_sample, scan_shard  # noqa: E402
+
+T = 8
+
+
+def make_raw(root: Path, videos: int, frames: int, h: int = 480, w: int = 854, seed: int = 0) -> None:
+    """A YouTube-VOS-style folder set with textured frames (flat colours would make JPEG decoding unrealistically
+    cheap) and a few moving objects."""
+    rng = np.random.default_rng(seed)
+    for v in range(videos):
+        jd, ad = root / "JPEGImages" / f"v{v:03d}", root / "Annotations" / f"v{v:03d}"
+        jd.mkdir(parents=True, exist_ok=True)
+        ad.mkdir(parents=True, exist_ok=True)
+        base = cv2.resize(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8), (w, h))
+        objs = [(int(rng.integers(1, 6)), int(rng.integers(0, h - 150)), int(rng.integers(0, w - 200)))
+                for _ in range(int(rng.integers(1, 5)))]
+        for f in range(frames):
+            img = base.copy()
+            mask = np.zeros((h, w), np.uint8)
+            for oid, y, x in objs:
+                yy, xx = y + f % 20, x + 2 * (f % 30)
+                cv2.ellipse(mask, (xx + 80, yy + 60), (80, 55), 0, 0, 360, oid, -1)
+                img[mask == oid] = (img[mask == oid] // 2 + np.array([40 * oid, 120, 200 - 30 * oid], np.uint8) // 2)
+            noise = rng.integers(0, 24, (h, w, 3), dtype=np.uint8)
+            cv2.imwrite(str(jd / f"{f:05d}.jpg"), cv2.add(img, noise), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            Image.fromarray(mask).save(ad / f"{f:05d}.png")
+
+
+def sample_clips(root: Path, n: int, max_skip: int, seed: int = 0) -> list[tuple[str, list[str]]]:
+    """Cutie's frame sampling: grow a set of 8 frames within max_skip of any picked one, sorted."""
+    rng = np.random.default_rng(seed)
+    vids = sorted(p.name for p in (root / "JPEGImages").iterdir())
+    clips = []
+    while len(clips) < n:
+        vid = vids[int(rng.integers(len(vids)))]
+        names = sorted(p.stem for p in (root / "JPEGImages" / vid).glob("*.jpg"))
+        if len(names) < T:
+            continue
+        picked = {int(rng.integers(len(names)))}
+        while len(picked) < T:
+            cand = {j for i in picked for j in range(max(0, i - max_skip), min(len(names), i + max_skip + 1))} - picked
+            picked.add(int(rng.choice(sorted(cand))))
+        frames = [names[i] for i in sorted(picked)]
+        first = np.asarray(Image.open(root / "Annotations" / vid / f"{frames[0]}.png"))
+        if first.any():
+            clips.append((vid, frames))
+    return clips
+
+
+def write_shards(raw: Path, clips, out: Path, per_shard: int = 16) -> None:
+    import webdataset as wds
+
+    for level in ("skip05", "skip10", "skip15"):
+        (out / level).mkdir(parents=True, exist_ok=True)
+    for s in range(0, len(clips), per_shard):
+        with wds.TarWriter(str(out / "skip05" / f"shard-{s // per_shard:06d}.tar"), mtime=0) as tw:
+            for i, (vid, frames) in enumerate(clips[s:s + per_shard], start=s):
+                m0 = np.asarray(Image.open(raw / "Annotations" / vid / f"{frames[0]}.png"))
+                h, w = m0.shape
+                meta = {"dataset": "bench", "video": vid, "frames": frames,
+                        "object_ids": [int(v) for v in np.unique(m0) if v], "all_object_ids": [], "max_skip": 5,
+                        "level": "skip05", "original_size": [h, w], "size": [h, w], "index": i}
+                sample = {"__key__": f"bench_{vid}_skip05_{i}", "json": json.dumps(meta).encode()}
+                for t, f in enumerate(frames):
+                    sample[f"{t:02d}.jpg"] = (raw / "JPEGImages" / vid / f"{f}.jpg").read_bytes()
+                    sample[f"{t:02d}.png"] = (raw / "Annotations" / vid / f"{f}.png").read_bytes()
+                tw.write(sample)
+    for level in ("skip10", "skip15"):  # the curriculum needs the folders; the benchmark stays in skip05
+        for p in (out / "skip05").glob("*.tar"):
+            shutil.copy(p, out / level / p.name)
+
+
+def bench_a(shards: Path, n: int, crop: int) -> float:
+    loader = build_train_loader(str(shards), batch_size=1, rank=0, world_size=1, total_iterations=10 * n,
+                                crop_size=crop, num_workers=0, seed=1)
+    it = iter(loader)
+    next(it)  # warm-up (shard index, first file open)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_b(raw: Path, clips, crop: int) -> float:
+    """Cutie's path: one file open + decode per frame and mask, then the same augmentation + collate."""
+    from data_pipeline.loader import collate
+
+    params = A.AugmentParams(crop_size=crop)
+    t0 = time.perf_counter()
+    for i, (vid, frames) in enumerate(clips):
+        rng = np.random.default_rng([1, i])
+        imgs = np.stack([cv2.cvtColor(cv2.imread(str(raw / "JPEGImages" / vid / f"{f}.jpg")), cv2.COLOR_BGR2RGB)
+                         for f in frames])
+        masks = np.stack([np.asarray(Image.open(raw / "Annotations" / vid / f"{f}.png")) for f in frames])
+        imgs, masks, _ = A.maybe_reverse(rng, imgs, masks, params)
+        imgs, masks = A.geometric(rng, imgs, masks, params)
+        if rng.random() < params.merge_probability and len([v for v in np.unique(masks[0]) if v]) < 3:
+            vid2, frames2 = clips[(i + 1) % len(clips)]
+            f2 = np.stack([cv2.cvtColor(cv2.imread(str(raw / "JPEGImages" / vid2 / f"{f}.jpg")), cv2.COLOR_BGR2RGB)
+                           for f in frames2])
+            m2 = np.stack([np.asarray(Image.open(raw / "Annotations" / vid2 / f"{f}.png")) for f in frames2])
+            f2, m2 = A.geometric(rng, f2, m2, params)
+            imgs, masks, _ = A.merge(imgs, masks, f2, m2)
+        objects = A.choose_objects(rng, masks[0], params.num_objects)
+        rgb = A.colour(rng, imgs, params)
+        collate([{"rgb": rgb, "cls": A.slot_maps(masks, objects), "objects": objects, "info": {}}])
+    return len(clips) / (time.perf_counter() - t0)
+
+
+def bench_c(shards: Path, n: int) -> float:
+    tars = sorted((shards / "skip05").glob("*.tar"))
+    items = [(p, key, fields) for p in tars for key, fields in scan_shard(p)]
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        for p, key, fields in items:
+            with open(p, "rb") as fh:
+                decode_sample(fh, key, fields, T)
+            done += 1
+            if done == n:
+                break
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw-root", type=Path, default=None, help="DAVIS/YouTube-VOS layout folder (default: generated)")
+    ap.add_argument("--clips", type=int, default=40)
+    ap.add_argument("--crop", type=int, default=480)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-loader"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cv2.setNumThreads(1)
+    raw = args.raw_root
+    if raw is None:
+        raw = args.workdir / "raw"
+        if not (raw / "JPEGImages").is_dir():
+            print(f"generating a 480p raw folder set in {raw} ...", flush=True)
+            make_raw(raw, videos=6, frames=40)
+    clips = sample_clips(raw, args.clips, max_skip=5)
+    shards = args.workdir / "shards"
+    shutil.rmtree(shards, ignore_errors=True)
+    write_shards(raw, clips, shards)
+    h, w = np.asarray(Image.open(raw / "Annotations" / clips[0][0] / f"{clips[0][1][0]}.png")).shape
+    print(f"{len(clips)} clips of {T} frames at {w}x{h}, crop {args.crop}, one process, OMP/cv2 threads 1")
+    c = bench_c(shards, len(clips))
+    a = bench_a(shards, len(clips), args.crop)
+    b = bench_b(raw, clips, args.crop)
+    print(f"(a) loader from shards           : {a:7.2f} clips/s per worker")
+    print(f"(b) raw folders, frame by frame  : {b:7.2f} clips/s per worker")
+    print(f"(c) bare decode 8 JPEG + 8 PNG    : {c:7.2f} clips/s per worker")
+    print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

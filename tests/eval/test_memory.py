@@ -1,0 +1,95 @@
+"""The inference memory: XMem similarity, top-k readout, FIFO working memory, long-term consolidation, buckets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.inference import InferenceConfig, MemoryManager, similarity, topk_softmax
+
+
+def test_similarity_is_scaled_negative_weighted_l2():
+    g = torch.Generator().manual_seed(0)
+    mk, qk = torch.randn(1, 8, 5, generator=g), torch.randn(1, 8, 7, generator=g)
+    ms, qe = torch.rand(1, 1, 5, generator=g) + 1, torch.rand(1, 8, 7, generator=g)
+    sim = similarity(mk, ms, qk, qe)
+    for i in range(5):
+        for j in range(7):
+            d = (qe[0, :, j] * (mk[0, :, i] - qk[0, :, j]) ** 2).sum()
+            assert sim[0, i, j] == pytest.approx(float(-d * ms[0, 0, i] / math.sqrt(8)), rel=1e-5, abs=1e-5)
+
+
+def test_topk_softmax_keeps_k_and_counts_usage():
+    sim = torch.randn(2, 50, 9)
+    aff, usage = topk_softmax(sim, 30)
+    assert torch.all((aff > 0).sum(1) == 30)
+    torch.testing.assert_close(aff.sum(1), torch.ones(2, 9))
+    torch.testing.assert_close(usage, aff.sum(2))
+    top = sim.topk(30, dim=1).indices
+    assert torch.all(aff.gather(1, top) > 0)
+
+
+def _frame(h=4, w=5, ck=6, cv=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    key = torch.randn(1, ck, h, w, generator=g)
+    return key, torch.rand(1, 1, h, w, generator=g) + 1, torch.rand(1, ck, h, w, generator=g), torch.randn(1, cv, h, w, generator=g)
+
+
+def test_fifo_keeps_permanent_first_frame():
+    mm = MemoryManager(top_k=30, max_mem_frames=3)
+    firsts = None
+    for t in range(6):
+        k, s, e, v = _frame(seed=t)
+        mm.add(k, s, e, {1: v}, None, [1] if t == 0 else [])
+        if t == 0:
+            firsts = k.flatten(2)
+    work = mm.buckets[0].work
+    assert len(work) == 3 * 20 and work.perm == 20  # the permanent frame + the newest 2
+    torch.testing.assert_close(work.key[..., :20], firsts)
+    torch.testing.assert_close(work.key[..., -20:], _frame(seed=5)[0].flatten(2))
+
+
+def test_long_term_consolidation_bounds_memory():
+    mm = MemoryManager(top_k=5, max_mem_frames=5, use_long_term=True, long_max_mem_frames=4, long_min_mem_frames=2,
+                       num_prototypes=6, max_num_tokens=20, buffer_tokens=4)
+    for t in range(12):
+        k, s, e, v = _frame(seed=t)
+        mm.add(k, s, e, {1: v}, None, [1] if t == 0 else [])
+        out = mm.read(*_frame(seed=100 + t)[0::2])
+        assert out[1].shape == (1, 3, 4, 5)
+        b = mm.buckets[0]
+        assert b.work.non_perm < 3 * 20  # consolidated once 3 non-permanent frames are reached
+        assert len(b.long) <= 20
+    assert len(mm.buckets[0].long) > 0
+
+
+def test_late_objects_get_their_own_bucket_and_readout():
+    mm = MemoryManager(top_k=30, max_mem_frames=5)
+    k, s, e, v = _frame(seed=0)
+    mm.add(k, s, e, {1: v}, None, [1])
+    k, s, e, v = _frame(seed=1)
+    mm.add(k, s, e, {1: v, 4: -v}, None, [4])
+    assert mm.objects == [1, 4]
+    assert len(mm.buckets[0].work) == 40 and len(mm.buckets[1].work) == 20
+    out = mm.read(k, e)
+    # object 4 has only one memory frame, so its readout is a convex combination of -v
+    assert out[4].shape == out[1].shape
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown keys"):
+        InferenceConfig.from_any({"inference": {"mem_evry": 3}})
+    with pytest.raises(ValueError, match="mem_every"):
+        InferenceConfig(mem_every=0)
+    assert InferenceConfig.from_any({"size": 600}, flip=True).flip
+
+
+def test_config_accepts_cutie_spellings():
+    c = InferenceConfig.from_any({"inference": {"flip_aug": True, "use_long_term": True,
+                                                "long_term": {"max_mem_frames": 25, "min_mem_frames": 15,
+                                                              "count_usage": True}}})
+    assert c.flip and c.long_max_mem_frames == 25 and c.long_min_mem_frames == 15
+    with pytest.raises(ValueError, match="long_term.bogus"):
+        InferenceConfig.from_any({"long_term": {"bogus": 1}})

@@ -411,7 +411,7 @@ class _Batches(torch.utils.data.IterableDataset):
         it = self.start + w
         lane = _Lane(self.cfg, self.shards, self.rank, it % lanes, self.params)
         try:
-            while it < self.stop:
+            while self.stop is None or it < self.stop:
                 before = lane.skipped
                 batch = lane.batch(it)
                 yield it, batch, lane.skipped - before
@@ -429,6 +429,7 @@ class TrainLoader:
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.shards: shard root {self.root} does not exist")
         self.iteration = 0
+        self.infinite = False
         self.skipped = 0
         self.bad_shards: list[str] = []
         self.shards: dict[int, list[Path]] = {}
@@ -453,7 +454,10 @@ class TrainLoader:
         return level_name(self.cfg.max_skip[self.cfg.level_at(iteration)])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, self.cfg.total_iterations)
+        # `infinite`: total_iterations only scales the curriculum; a trainer that drops a batch (non-finite loss)
+        # must not find the stream dry before its last iteration.
+        stop = None if self.infinite else self.cfg.total_iterations
+        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, stop)
         if self.cfg.num_workers == 0:
             source = iter(ds)
         else:
@@ -497,7 +501,7 @@ def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | N
                        world_size: int | None = None, total_iterations: int = 1, *, num_frames: int = 8,
                        num_objects: int = 3, crop_size: int = 480, max_skip=(5, 10, 15, 5),
                        max_skip_until=(0.1, 0.3, 0.8, 1.0), num_workers: int = 2, seed: int = 42,
-                       start_iteration: int = 0, **knobs) -> TrainLoader:
+                       start_iteration: int = 0, infinite: bool = False, **knobs) -> TrainLoader:
     """The training loader for one rank. `rank`/`world_size` default to the RANK/WORLD_SIZE env vars (as the
     launcher sets them). `knobs` are `data.loader` extras: augmentation fields of `AugmentParams`
     (merge_probability, reverse_probability, rotation, shear, scale, crop_tries, clip_jitter, ...) and
@@ -517,6 +521,7 @@ def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | N
                        **{k: v for k, v in knobs.items() if k in _CFG_KEYS})
     loader = TrainLoader(shards, cfg, rank, world_size, params)
     loader.iteration = start_iteration
+    loader.infinite = infinite
     return loader
 
 

@@ -166,6 +166,12 @@ def load(engine, ref: CheckpointRef) -> dict[str, Any]:
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
+    if engine.load_universal_checkpoint():
+        # DeepSpeed restores only the optimizer-managed parameters from a universal checkpoint (it skips the
+        # module state dict): buffers (BatchNorm statistics) and frozen parameters come from the model states.
+        module = safe_torch_load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        engine.module.load_state_dict({k: v for k, v in module.items() if k not in trainable}, strict=False)
     return client_state or {}
 
 

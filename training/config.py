@@ -79,6 +79,7 @@ class CheckpointSection:
     every: int = 5000
     keep_last: int = 3
     dir: str = ""  # default OUTPUT/checkpoints
+    load_universal: bool = False  # resume a universal checkpoint (cluster/deepspeed/to_universal.sh): any world size
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainConfig:
         """Hash of everything that defines the run (not where it stops early): resumes check it."""
         d = self.to_dict()
         d["train"] = {k: v for k, v in d["train"].items() if k != "stop_after"}
+        d["checkpoint"] = {k: v for k, v in d["checkpoint"].items() if k not in ("dir", "load_universal")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:

@@ -76,4 +76,5 @@ def deepspeed_config(cfg: TrainConfig, split: BatchSplit) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # our own logging; keep DeepSpeed's per-step prints off
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": cfg.checkpoint.load_universal},
     }

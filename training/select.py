@@ -37,7 +37,11 @@ def rank_logged_models(mlflow, experiment_id: str, metric: str) -> list[tuple[fl
     key = metric_key(metric)
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     ranked = []
+    from mlflow.entities import LoggedModelStatus
+
     for m in models:
+        if m.status != LoggedModelStatus.READY:  # a log_model cut short (job killed mid-upload) stays PENDING
+            continue
         values = [x for x in (m.metrics or []) if x.key == key]
         if values:
             latest = max(values, key=lambda x: (x.step, x.timestamp))

@@ -202,7 +202,7 @@ class Trainer:
             total_iterations=self.cfg.train.iterations * self.split.accumulation,
             num_frames=d.num_frames, num_objects=d.num_objects, crop_size=d.crop_size,
             max_skip=d.max_skip, max_skip_until=d.max_skip_until, num_workers=d.num_workers,
-            seed=self.cfg.train.seed, **d.loader)
+            seed=self.cfg.train.seed, infinite=True, **d.loader)
 
     def _broadcast(self, value):
         box = [value]

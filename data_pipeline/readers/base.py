@@ -1,0 +1,124 @@
+"""The common Video record and the reader interface shared by the five dataset readers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+class BadInput(Exception):
+    """A damaged input file: `file` names it, `reason` says what is wrong."""
+
+    def __init__(self, file: str | Path, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = str(file), reason
+
+
+@dataclass
+class Video:
+    dataset: str  # youtubevos|davis|ovis|mose|burst
+    video: str
+    frames: list[str]  # ordered frame names, no extension
+    annotated: list[bool]
+    object_ids: dict[int, list[int]]  # annotated frame index -> sorted ids > 0
+    meta: dict = field(default_factory=dict, repr=False)  # reader-private (paths, sizes)
+
+    @property
+    def annotated_indices(self) -> list[int]:
+        return [i for i, a in enumerate(self.annotated) if a]
+
+
+def read_jpeg(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); BadInput on an empty or undecodable file."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise BadInput(path, f"cannot read: {e}") from e
+    if not blob:
+        raise BadInput(path, "zero-byte image")
+    img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadInput(path, "not a decodable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """A palette PNG read as its indices (uint8 (H, W)); BadInput when damaged or not single-channel."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise BadInput(path, f"mask mode {im.mode}, expected a palette or grey PNG")
+            return np.array(im, dtype=np.uint8)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
+        raise BadInput(path, f"not a readable PNG: {e}") from e
+
+
+class Reader:
+    """Base reader: `videos()` lists Video records; `read_image`/`read_mask` load one frame."""
+
+    name = ""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.problems: list[dict] = []  # {file, reason} found while listing
+
+    def videos(self) -> list[Video]:
+        raise NotImplementedError
+
+    def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_mask(self, video: Video, frame_idx: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def check_size(self, video: Video, frame_idx: int, img: np.ndarray, mask: np.ndarray, file: str) -> None:
+        if img.shape[:2] != mask.shape[:2]:
+            raise BadInput(file, f"mask size {mask.shape[:2]} differs from frame size {img.shape[:2]} "
+                                 f"(video {video.video}, frame {video.frames[frame_idx]})")
+
+
+class PngFolderReader(Reader):
+    """JPEGImages/<video>/<frame>.jpg + Annotations/<video>/<frame>.png (DAVIS, MOSE, YouTube-VOS train)."""
+
+    def __init__(self, root, image_dir: Path, mask_dir: Path, names: list[str] | None = None):
+        super().__init__(root)
+        self.image_dir, self.mask_dir, self.names = image_dir, mask_dir, names
+
+    def _ids(self, video: str, frame: str) -> list[int] | None:
+        """Object ids of an annotated frame (None if not annotated); reads the mask."""
+        p = self.mask_dir / video / f"{frame}.png"
+        if not p.is_file():
+            return None
+        try:
+            return [int(k) for k in np.unique(read_index_png(p)) if k]
+        except BadInput as e:
+            self.problems.append({"file": e.file, "reason": e.reason, "video": video})
+            return None
+
+    def videos(self) -> list[Video]:
+        if not self.image_dir.is_dir():
+            raise BadInput(self.image_dir, "image folder missing")
+        names = self.names if self.names is not None else sorted(p.name for p in self.image_dir.iterdir()
+                                                                  if p.is_dir())
+        out = []
+        for v in names:
+            frames = sorted(p.stem for p in (self.image_dir / v).glob("*.jpg"))
+            ids = {}
+            for i, f in enumerate(frames):
+                got = self._ids(v, f)
+                if got is not None:
+                    ids[i] = got
+            out.append(Video(self.name, v, frames, [i in ids for i in range(len(frames))], ids))
+        return out
+
+    def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
+        return read_jpeg(self.image_dir / video.video / f"{video.frames[frame_idx]}.jpg")
+
+    def read_mask(self, video: Video, frame_idx: int) -> np.ndarray:
+        return read_index_png(self.mask_dir / video.video / f"{video.frames[frame_idx]}.png")

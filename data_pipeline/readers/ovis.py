@@ -1,0 +1,69 @@
+"""OVIS: train/<video>/img_XXXXXXX.jpg + annotations/annotations_train.json (COCO-style video RLE, null entries)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .base import BadInput, Reader, Video, read_jpeg
+
+
+def decode_rle(seg: dict, h: int, w: int, where: str) -> np.ndarray:
+    """Compressed string or uncompressed count-list RLE → bool (h, w); BadInput if its size disagrees."""
+    size = list(seg.get("size", []))
+    if size != [h, w]:
+        raise BadInput(where, f"RLE size {size} differs from the frame size {[h, w]}")
+    counts = seg["counts"]
+    rle = mask_utils.frPyObjects(seg, h, w) if isinstance(counts, list) else \
+        {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+class OvisReader(Reader):
+    name = "ovis"
+
+    def __init__(self, root, split: str = "train"):
+        super().__init__(root)
+        self.image_dir = self.root / split
+        self.ann_path = self.root / "annotations" / f"annotations_{split}.json"
+
+    def videos(self) -> list[Video]:
+        try:
+            data = json.loads(self.ann_path.read_text())
+        except (OSError, ValueError) as e:
+            raise BadInput(self.ann_path, f"unreadable annotation JSON: {e}") from e
+        anns: dict[int, list[dict]] = {}
+        for a in data.get("annotations", []):
+            anns.setdefault(a["video_id"], []).append(a)
+        out = []
+        for v in data.get("videos", []):
+            files = v["file_names"]
+            name = files[0].split("/")[0]
+            tracks = sorted(anns.get(v["id"], []), key=lambda a: a["id"])
+            h, w = int(v["height"]), int(v["width"])
+            bad = [t for t in tracks for s in t["segmentations"] if s and list(s.get("size", [])) != [h, w]]
+            if bad:
+                self.problems.append({"file": str(self.ann_path), "video": name,
+                                      "reason": f"video {name}: an RLE size differs from the frame size {[h, w]}"})
+                continue
+            ids = {}
+            for i in range(len(files)):
+                ids[i] = [k for k, t in enumerate(tracks, start=1) if t["segmentations"][i]]
+            frames = [f.rsplit(".", 1)[0].split("/", 1)[1] for f in files]
+            out.append(Video(self.name, name, frames, [True] * len(files), ids,
+                             meta={"files": files, "tracks": [t["segmentations"] for t in tracks], "hw": (h, w)}))
+        return out
+
+    def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
+        return read_jpeg(self.image_dir / video.meta["files"][frame_idx])
+
+    def read_mask(self, video: Video, frame_idx: int) -> np.ndarray:
+        h, w = video.meta["hw"]
+        m = np.zeros((h, w), np.uint8)
+        for k, segs in enumerate(video.meta["tracks"], start=1):
+            if segs[frame_idx]:
+                m[decode_rle(segs[frame_idx], h, w, f"{self.ann_path} video {video.video}")] = k
+        return m

@@ -1,4 +1,4 @@
-"""The common Video record and the reader interface shared by the five dataset readers."""
+"""The common Video record (docs/architecture.md section 1) and the reader interface of the five dataset readers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 
-class BadInput(Exception):
+class BadInput(ValueError):
     """A damaged input file: `file` names it, `reason` says what is wrong."""
 
     def __init__(self, file: str | Path, reason: str):
@@ -25,7 +25,7 @@ class Video:
     frames: list[str]  # ordered frame names, no extension
     annotated: list[bool]
     object_ids: dict[int, list[int]]  # annotated frame index -> sorted ids > 0
-    meta: dict = field(default_factory=dict, repr=False)  # reader-private (paths, sizes)
+    meta: dict = field(default_factory=dict, repr=False)  # reader-private (paths, RLEs, sizes)
 
     @property
     def annotated_indices(self) -> list[int]:
@@ -66,7 +66,7 @@ class Reader:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.problems: list[dict] = []  # {file, reason} found while listing
+        self.problems: list[dict] = []  # {file, reason, video} of inputs skipped while listing
 
     def videos(self) -> list[Video]:
         raise NotImplementedError
@@ -76,11 +76,6 @@ class Reader:
 
     def read_mask(self, video: Video, frame_idx: int) -> np.ndarray:
         raise NotImplementedError
-
-    def check_size(self, video: Video, frame_idx: int, img: np.ndarray, mask: np.ndarray, file: str) -> None:
-        if img.shape[:2] != mask.shape[:2]:
-            raise BadInput(file, f"mask size {mask.shape[:2]} differs from frame size {img.shape[:2]} "
-                                 f"(video {video.video}, frame {video.frames[frame_idx]})")
 
 
 class PngFolderReader(Reader):
@@ -95,11 +90,7 @@ class PngFolderReader(Reader):
         p = self.mask_dir / video / f"{frame}.png"
         if not p.is_file():
             return None
-        try:
-            return [int(k) for k in np.unique(read_index_png(p)) if k]
-        except BadInput as e:
-            self.problems.append({"file": e.file, "reason": e.reason, "video": video})
-            return None
+        return [int(k) for k in np.unique(read_index_png(p)) if k]
 
     def videos(self) -> list[Video]:
         if not self.image_dir.is_dir():
@@ -109,13 +100,41 @@ class PngFolderReader(Reader):
         out = []
         for v in names:
             frames = sorted(p.stem for p in (self.image_dir / v).glob("*.jpg"))
-            ids = {}
-            for i, f in enumerate(frames):
-                got = self._ids(v, f)
-                if got is not None:
-                    ids[i] = got
+            if not self.check_files(v, frames):
+                continue
+            try:
+                ids = {i: got for i, f in enumerate(frames) if (got := self._ids(v, f)) is not None}
+            except BadInput as e:
+                self.problems.append({"file": e.file, "reason": e.reason, "video": v})
+                continue
             out.append(Video(self.name, v, frames, [i in ids for i in range(len(frames))], ids))
         return out
+
+    def check_files(self, video: str, frames: list[str]) -> bool:
+        """Cheap header checks of a video's files (zero-byte JPEG, mask size differing from the frame size); a
+        damaged video is recorded in `problems` and dropped."""
+        size = None
+        for f in frames:
+            jpg, png = self.image_dir / video / f"{f}.jpg", self.mask_dir / video / f"{f}.png"
+            try:
+                if jpg.stat().st_size == 0:
+                    raise BadInput(jpg, f"zero-byte image (video {video}, frame {f})")
+                with Image.open(jpg) as im:
+                    size = size or im.size
+                    if im.size != size:
+                        raise BadInput(jpg, f"frame size {im.size} differs from the video's {size} (video {video})")
+                if png.is_file():
+                    with Image.open(png) as im:
+                        if im.size != size:
+                            raise BadInput(png, f"mask size {im.size} differs from the frame size {size} "
+                                                f"(video {video}, frame {f})")
+            except BadInput as e:
+                self.problems.append({"file": e.file, "reason": e.reason, "video": video})
+                return False
+            except Exception as e:  # noqa: BLE001 - undecodable header
+                self.problems.append({"file": str(jpg), "reason": f"unreadable: {e}", "video": video})
+                return False
+        return True
 
     def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
         return read_jpeg(self.image_dir / video.video / f"{video.frames[frame_idx]}.jpg")

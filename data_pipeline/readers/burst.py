@@ -32,6 +32,12 @@ class BurstReader(Reader):
             if len(tracks) > 255:
                 self.problems.append({"file": str(self.ann_path), "reason": f"{s['seq_name']}: > 255 tracks"})
                 continue
+            seq_dir = self.frame_dir / s["dataset"] / s["seq_name"]
+            missing = [n for n in s["annotated_image_paths"] if not (seq_dir / n).is_file()]
+            if missing:
+                self.problems.append({"file": str(seq_dir / missing[0]), "video": s["seq_name"],
+                                      "reason": "annotated image named in the JSON is missing"})
+                continue
             remap = {t: k for k, t in enumerate(tracks, start=1)}
             ann = [False] * len(frames)
             ids, segs = {}, {}

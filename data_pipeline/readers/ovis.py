@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -13,6 +12,8 @@ from .base import BadInput, Reader, Video, read_jpeg
 
 def decode_rle(seg: dict, h: int, w: int, where: str) -> np.ndarray:
     """Compressed string or uncompressed count-list RLE → bool (h, w); BadInput if its size disagrees."""
+    if isinstance(seg, list):  # polygons
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))).astype(bool)
     size = list(seg.get("size", []))
     if size != [h, w]:
         raise BadInput(where, f"RLE size {size} differs from the frame size {[h, w]}")
@@ -44,7 +45,13 @@ class OvisReader(Reader):
             name = files[0].split("/")[0]
             tracks = sorted(anns.get(v["id"], []), key=lambda a: a["id"])
             h, w = int(v["height"]), int(v["width"])
-            bad = [t for t in tracks for s in t["segmentations"] if s and list(s.get("size", [])) != [h, w]]
+            bad = [t for t in tracks for s in t["segmentations"]
+                   if s and isinstance(s, dict) and list(s.get("size", [])) != [h, w]]
+            missing = [f for f in files if not (self.image_dir / f).is_file() or not (self.image_dir / f).stat().st_size]
+            if missing:
+                self.problems.append({"file": str(self.image_dir / missing[0]), "video": name,
+                                      "reason": f"image named in {self.ann_path.name} is missing or empty"})
+                continue
             if bad:
                 self.problems.append({"file": str(self.ann_path), "video": name,
                                       "reason": f"video {name}: an RLE size differs from the frame size {[h, w]}"})

@@ -1,0 +1,84 @@
+"""Readers on the synthetic datasets (native layouts, corner cases) and the clip sampling rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.readers import FOLDERS, build_reader
+from data_pipeline.sampling import effective_skip, mixture_weights, plan_clips, sample_clip, usable
+from data_pipeline.synth import SHARED_ID, synthesize
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("dp-synth") / "data", seed=0, videos=3, small=True)
+
+
+@pytest.fixture(scope="module")
+def videos(data):
+    return {d: build_reader(d, data / f).videos() for d, f in FOLDERS.items()}
+
+
+def test_every_reader_gives_consistent_records(data, videos):
+    for d, vs in videos.items():
+        reader = build_reader(d, data / FOLDERS[d])
+        assert vs, d
+        for v in vs:
+            assert v.dataset == d and len(v.annotated) == len(v.frames)
+            for i in v.annotated_indices[:4]:
+                img, m = reader.read_image(v, i), reader.read_mask(v, i)
+                assert img.dtype == np.uint8 and img.shape[2] == 3 and m.dtype == np.uint8
+                assert m.shape == img.shape[:2]
+                assert sorted(int(k) for k in np.unique(m) if k) == v.object_ids[i], (d, v.video, i)
+
+
+def test_corner_cases(data, videos):
+    yt = {v.video: v for v in videos["youtubevos"]}
+    assert yt["yt0000ab"].frames[:2] == ["00010", "00015"]  # numbering above 00000 in steps of 5
+    first = {d: vs[0] for d, vs in videos.items()}
+    v = first["davis"]
+    ids = [v.object_ids[i] for i in v.annotated_indices]
+    assert 2 not in ids[0] and any(2 in x for x in ids)  # appears late
+    assert 3 in ids[0] and 3 not in ids[-1]  # vanishes
+    assert [] in ids  # an empty frame
+    assert {v.video for v in videos["ovis"]} & {v.video for v in videos["mose"]} == {SHARED_ID}
+    b = first["burst"]
+    assert b.object_ids[3] != b.object_ids[2] and 1 not in b.object_ids[3]  # a track missing in one frame
+    raw = json.loads((data / "BURST/train/all_classes.json").read_text())
+    assert max(int(t) for s in raw["sequences"] for f in s["segmentations"] for t in f) > 100  # remapped ids
+    assert max(k for v in videos["burst"] for ids in v.object_ids.values() for k in ids) <= 3
+    segs = json.loads((data / "OVIS/annotations/annotations_train.json").read_text())["annotations"]
+    kinds = {type(s["counts"]).__name__ if s else None for a in segs for s in a["segmentations"]}
+    assert kinds == {"str", "list", None}  # both RLE flavours and null entries
+
+
+def test_sampling_rules(videos):
+    v = videos["davis"][1]
+    rng = np.random.default_rng(0)
+    for max_skip in (5, 10, 15):
+        skip = effective_skip("davis", max_skip)
+        assert skip == max_skip // 2
+        for _ in range(30):
+            f = sample_clip(v, max_skip, rng)
+            assert len(f) == 8 and len(set(f)) == 8 and v.object_ids[f[0]]
+            s = sorted(f)
+            assert f in (tuple(s), tuple(s[::-1]))
+            assert all(b - a <= skip for a, b in zip(s, s[1:], strict=False))  # growing ±skip window
+    assert effective_skip("ovis", 15) == 5 and effective_skip("youtubevos", 5) == 1
+
+
+def test_short_videos_dropped_and_mixture(videos):
+    short = videos["davis"][0].__class__("davis", "tiny", [str(i) for i in range(7)], [True] * 7,
+                                         {i: [1] for i in range(7)})
+    assert not usable(short) and sample_clip(short, 5, np.random.default_rng(0)) is None
+    w = mixture_weights(videos)
+    per = {d: sum(sum(v.annotated) for v in vs) for d, vs in videos.items()}
+    assert w["davis"] / w["mose"] == pytest.approx(2 * per["davis"] / per["mose"])
+    plans = plan_clips(videos, 60, seed=0)
+    assert set(plans) == {"skip05", "skip10", "skip15"}
+    assert plans == plan_clips(videos, 60, seed=0)  # deterministic
+    assert all("." not in p.key for ps in plans.values() for p in ps)
+    assert len({p.key for p in plans["skip05"]}) == len(plans["skip05"])

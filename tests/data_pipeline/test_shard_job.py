@@ -1,0 +1,121 @@
+"""The Ray shard job on the synthetic datasets: sample content, byte-identical reruns, resume, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "data_pipeline" / "configs" / "demo.yaml"
+pytestmark = pytest.mark.timeout(300)
+
+
+def shard(data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", str(CONFIG), "--data-root",
+                           str(data), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def member_names(path: Path) -> list[str]:
+    with tarfile.open(path) as t:
+        return t.getnames()
+
+
+def tars(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-shard") / "data"
+    subprocess.run([sys.executable, "-m", "data_pipeline.synth", "--out", str(root), "--seed", "0", "--small"],
+                   cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ref(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp-ref") / "shards"
+    proc = shard(data, out)
+    assert "clips/s" in proc.stdout and "skipped 0" in proc.stdout
+    return out
+
+
+def test_sample_content(ref):
+    manifest = json.loads((ref / "manifest.json").read_text())
+    assert manifest["num_skipped"] == 0 and manifest["num_clips"] > 0
+    assert set(manifest["clips_per_level"]) == {"skip05", "skip10", "skip15"}
+    assert {d for d, c in manifest["datasets"].items() if c["clips"]} == {"youtubevos", "davis", "ovis", "mose",
+                                                                         "burst"}
+    tar_path = sorted((ref / "skip05").glob("*.tar"))[0]
+    stats = json.loads(tar_path.with_name(tar_path.name.replace(".tar", ".stats.json")).read_text())
+    assert stats["node_id"] and stats["hostname"] and stats["bytes"] == tar_path.stat().st_size
+    with tarfile.open(tar_path) as t:
+        members = t.getmembers()
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
+        names = [m.name for m in members]
+        keys = sorted({n.split(".")[0] for n in names})
+        assert len(keys) == stats["clips"]
+        for key in keys:
+            own = sorted(n for n in names if n.split(".")[0] == key)
+            assert own == sorted(
+                [f"{key}.{i:02d}.jpg" for i in range(8)] + [f"{key}.{i:02d}.png" for i in range(8)] + [f"{key}.json"])
+            meta = json.loads(t.extractfile(f"{key}.json").read())
+            img = np.array(Image.open(io.BytesIO(t.extractfile(f"{key}.00.jpg").read())))
+            m0 = np.array(Image.open(io.BytesIO(t.extractfile(f"{key}.00.png").read())))
+            assert img.shape[:2] == m0.shape == tuple(meta["size"]) and min(meta["size"]) == 160
+            assert m0.any() and sorted(int(k) for k in np.unique(m0) if k) == meta["object_ids"]
+            assert len(meta["frames"]) == 8 and meta["level"] == "skip05"
+    samples = list(wds.WebDataset(str(tar_path), shardshuffle=False))
+    assert len(samples) == stats["clips"] and all(len(s) >= 17 + 2 for s in samples)
+
+
+def test_rerun_is_byte_identical_and_resumes(data, ref, tmp_path):
+    out = tmp_path / "shards"
+    shard(data, out)
+    assert tars(out) == tars(ref)
+    victim = sorted(out.rglob("*.stats.json"))[1]
+    tar = victim.with_name(victim.name.replace(".stats.json", ".tar"))
+    victim.unlink()
+    tar.write_bytes(b"partial")
+    (out / "skip10" / "shard-000099.tar.tmp").write_bytes(b"junk")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    proc = shard(data, out)
+    assert "1 shards planned" not in proc.stdout and "already done" in proc.stdout
+    assert tars(out) == tars(ref)
+    assert not list(out.rglob("*.tmp"))
+    rewritten = [p for p in out.rglob("*.tar") if p.stat().st_mtime_ns != before[p]]
+    assert rewritten == [tar]
+
+
+def test_bad_inputs_recorded_and_skipped(data, ref, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    jpg = sorted((bad / "DAVIS/JPEGImages/480p/dtrain00").glob("*.jpg"))[2]
+    jpg.write_bytes(b"")
+    (bad / "BURST/train/all_classes.json").write_text('{"sequences": [ not json')
+    out = tmp_path / "shards"
+    proc = shard(bad, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {s["file"] for s in manifest["skipped"]}
+    assert str(jpg) in files and str(bad / "BURST/train/all_classes.json") in files
+    assert manifest["num_skipped"] == 2 and "skipped 2" in proc.stdout
+    assert manifest["datasets"]["burst"]["clips"] == 0 and manifest["datasets"]["davis"]["clips"] > 0
+    names = [n for p in out.rglob("*.tar") for n in member_names(p)]
+    assert names and not [n for n in names if n.startswith("davis_dtrain00_")]  # the damaged video is left out
+    assert [n for n in names if n.startswith("davis_dtrain01_")]

@@ -158,11 +158,8 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
     path = Path(tar_path)
     size = write_tar(path, members)
     clips = len(items) - len(skipped)
-    try:
-        import ray
-        node = ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray
-        node = None
+    ray = sys.modules.get("ray")  # inside a Ray task: the node that wrote the shard; never starts Ray itself
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     stats = {"shard": path.name, "clips": clips, "bytes": size, "skipped": skipped, "node_id": node,
              "hostname": socket.gethostname(), "seconds": round(time.time() - t0, 3),
              "source_bytes": sum(_source_bytes(spec, video, plan) for spec, video, plan in items)}

@@ -26,10 +26,12 @@ def uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return top2[:, 1] - top2[:, 0]
 
 
-def uncertain_points(logits: torch.Tensor, num_points: int, oversample: float, importance: float) -> torch.Tensor:
+def uncertain_points(logits: torch.Tensor, num_points: int, oversample: float, importance: float,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, P, 2) points in [0, 1]², the most uncertain first; `scale` maps them into the logits' valid part."""
     b = logits.shape[0]
     candidates = torch.rand(b, int(num_points * oversample), 2, device=logits.device)
-    scores = uncertainty(point_sample(logits, candidates))
+    scores = uncertainty(point_sample(logits, candidates if scale is None else candidates * scale))
     n_uncertain = int(importance * num_points)
     idx = torch.topk(scores, k=n_uncertain, dim=1)[1]
     chosen = torch.gather(candidates, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
@@ -45,6 +47,8 @@ def ce_loss(point_logits: torch.Tensor, point_labels: torch.Tensor) -> torch.Ten
 def dice_loss(point_prob: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
     """Soft Dice over the foreground channels only: summed over T, averaged over objects."""
     prob, gt = point_prob[:, 1:], point_labels[:, 1:]
+    if prob.shape[1] == 0:  # no foreground object
+        return point_prob.new_zeros(())
     numerator = 2 * (prob * gt).sum(-1)
     denominator = prob.sum(-1) + gt.sum(-1)
     return (1 - (numerator + 1) / (denominator + 1)).sum(0).mean()
@@ -63,20 +67,25 @@ class LossComputer:
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
 
-    def mask_loss(self, logits: torch.Tensor, soft_gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (T, C, h, w) at any resolution, soft_gt (T, C, H, W) → (CE, Dice) on sampled points."""
+    def mask_loss(self, logits: torch.Tensor, soft_gt: torch.Tensor, extent: tuple[float, float] = (1.0, 1.0)
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (T, C, h, w) at any resolution, soft_gt (T, C, H, W) → (CE, Dice) on sampled points.
+
+        `extent` (y, x): the fraction of the logits' map the ground truth covers (the rest is padding)."""
         c = self.cfg
         logits = logits.float()
+        scale = torch.tensor([extent[1], extent[0]], device=logits.device)
         with torch.no_grad():
-            coords = uncertain_points(logits, c.num_points, c.oversample_ratio, c.importance_sample_ratio)
+            coords = uncertain_points(logits, c.num_points, c.oversample_ratio, c.importance_sample_ratio, scale)
             labels = point_sample(soft_gt, coords)
-        point_logits = point_sample(logits, coords)
+        point_logits = point_sample(logits, coords * scale)
         return ce_loss(point_logits, labels), dice_loss(point_logits.softmax(dim=1), labels)
 
     def compute(self, logits: list[torch.Tensor], aux: list[dict[str, torch.Tensor]], cls_gt: torch.Tensor,
-                num_objects: list[int]) -> dict[str, torch.Tensor]:
-        """logits: per supervised frame (B, N+1, H, W); aux: per frame the compute_aux dict; cls_gt (B, T, 1, H, W)
-        of the supervised frames → {loss/mask_ce, loss/mask_dice, loss/aux_sensory, loss/aux_query, total_loss}."""
+                num_objects: list[int], aux_extent: tuple[float, float] = (1.0, 1.0)) -> dict[str, torch.Tensor]:
+        """logits: per supervised frame (B, N+1, H, W); aux: per frame the compute_aux dict (stride 16, over the
+        padded image: `aux_extent` = H/H_padded, W/W_padded); cls_gt (B, T, 1, H, W) of the supervised frames
+        → {loss/mask_ce, loss/mask_dice, loss/aux_sensory, loss/aux_query, total_loss}."""
         b = cls_gt.shape[0]
         zero = logits[0].new_zeros(()).float()
         terms = {"loss/mask_ce": zero, "loss/mask_dice": zero, "loss/aux_sensory": zero, "loss/aux_query": zero}
@@ -89,13 +98,13 @@ class LossComputer:
             terms["loss/mask_dice"] = terms["loss/mask_dice"] + dice / b
             if self.cfg.aux_sensory_weight > 0:
                 sensory = torch.stack([a["sensory_logits"][bi, :n + 1] for a in aux], 0)
-                ce, dice = self.mask_loss(sensory, soft_gt)
+                ce, dice = self.mask_loss(sensory, soft_gt, aux_extent)
                 terms["loss/aux_sensory"] = terms["loss/aux_sensory"] + (ce + dice) / b * self.cfg.aux_sensory_weight
             if self.cfg.aux_query_weight > 0:
                 levels = aux[0]["q_logits"].shape[2]
                 for level in range(levels):
                     q = torch.stack([a["q_logits"][bi, :n + 1, level] for a in aux], 0)
-                    ce, dice = self.mask_loss(q, soft_gt)
+                    ce, dice = self.mask_loss(q, soft_gt, aux_extent)
                     terms["loss/aux_query"] = terms["loss/aux_query"] + (ce + dice) / b * self.cfg.aux_query_weight
         terms["total_loss"] = sum(terms.values(), zero)
         return terms

@@ -83,7 +83,9 @@ class S3Network(nn.Module):
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[-3] != 3:
             raise ValueError(f"expected RGB images (…, 3, H, W), got {tuple(image.shape)}")
-        return (image - self.pixel_mean.to(image.dtype)) / self.pixel_std.to(image.dtype)
+        mean = self.pixel_mean.to(device=image.device, dtype=image.dtype)
+        std = self.pixel_std.to(device=image.device, dtype=image.dtype)
+        return (image - mean) / std
 
     def encode_image(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(B, 3, H, W) in [0, 1] → ([f16, f8, f4] of the padded image, pix_feat (B, pixel_dim, h, w))."""

@@ -82,3 +82,21 @@ def test_short_videos_dropped_and_mixture(videos):
     assert plans == plan_clips(videos, 60, seed=0)  # deterministic
     assert all("." not in p.key for ps in plans.values() for p in ps)
     assert len({p.key for p in plans["skip05"]}) == len(plans["skip05"])
+
+
+def test_ovis_polygons_and_missing_images(data, tmp_path):
+    import shutil
+
+    from data_pipeline.readers.ovis import decode_rle
+
+    poly = decode_rle([[10.0, 10.0, 50.0, 10.0, 50.0, 40.0, 10.0, 40.0]], 60, 80, "poly")
+    assert poly.shape == (60, 80) and 1000 < poly.sum() < 1400 and poly[25, 30]
+    with pytest.raises(Exception, match="RLE size"):
+        decode_rle({"size": [61, 80], "counts": [4880]}, 60, 80, "where")
+    root = tmp_path / "OVIS"
+    shutil.copytree(data / "OVIS", root)
+    victim = sorted((root / "train" / "ovis0001").glob("*.jpg"))[3]
+    victim.unlink()
+    reader = build_reader("ovis", root)
+    assert "ovis0001" not in {v.video for v in reader.videos()}
+    assert reader.problems and reader.problems[0]["file"] == str(victim)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .readers import BadInput, Video, build_reader
 from .sampling import ClipPlan, mixture_weights, plan_clips, usable
 
+OPTIONAL = {"reader_options"}  # dataset -> reader keyword arguments (DAVIS resolution, BURST annotations, ...)
 REQUIRED = {"data_root", "out", "datasets", "levels", "clips_per_level", "clips_per_shard", "short_side",
             "jpeg_quality", "seed", "num_cpus"}
 
@@ -40,7 +41,7 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
         if "=" not in item:
             raise SystemExit(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
-        if k not in REQUIRED:
+        if k not in REQUIRED | OPTIONAL:
             raise SystemExit(f"unknown config key {k!r} in override; known: {sorted(REQUIRED)}")
         cfg[k] = yaml.safe_load(v)
     if data_root is not None:
@@ -50,7 +51,8 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
     missing = REQUIRED - set(cfg)
     if missing:
         raise SystemExit(f"{path}: missing config keys {sorted(missing)}")
-    unknown = set(cfg) - REQUIRED
+    cfg.setdefault("reader_options", {})
+    unknown = set(cfg) - REQUIRED - OPTIONAL
     if unknown:
         raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
     if not cfg["data_root"] or not Path(cfg["data_root"]).is_dir():
@@ -150,7 +152,7 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
     for spec, video, plan in items:
         key = (spec["dataset"], spec["root"])
         if key not in _READERS:
-            _READERS[key] = build_reader(spec["dataset"], spec["root"])
+            _READERS[key] = build_reader(spec["dataset"], spec["root"], **spec.get("options", {}))
         try:
             members += encode_clip(_READERS[key], video, plan, short, quality)
         except BadInput as e:
@@ -191,14 +193,17 @@ def list_videos(cfg: dict) -> tuple[dict[str, list[Video]], dict[str, dict], lis
     videos, specs, skipped = {}, {}, []
     for d, folder in cfg["datasets"].items():
         root = str(Path(cfg["data_root"]) / folder)
-        specs[d] = {"dataset": d, "root": root}
+        opts = (cfg.get("reader_options") or {}).get(d, {})
+        specs[d] = {"dataset": d, "root": root, "options": opts}
         try:
-            reader = build_reader(d, root)
+            reader = build_reader(d, root, **opts)
             videos[d] = reader.videos()
             skipped += [dict(p, dataset=d) for p in reader.problems]
         except BadInput as e:
             videos[d] = []
             skipped.append({"file": e.file, "reason": e.reason, "dataset": d})
+        except TypeError as e:
+            raise SystemExit(f"config reader_options.{d}: {e}") from e
         except (OSError, ValueError, KeyError) as e:
             videos[d] = []
             skipped.append({"file": root, "reason": f"cannot read dataset: {e!r}", "dataset": d})

@@ -13,10 +13,13 @@ from .base import BadInput, Reader, Video, read_jpeg
 class BurstReader(Reader):
     name = "burst"
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", annotations: str | None = None, keep_non_gt: bool = True):
+        """`annotations`: the JSON relative to root (default `<split>/all_classes.json`; `train/train.json` also
+        works); `keep_non_gt`: keep masks marked `is_gt: false` (Cutie keeps them)."""
         super().__init__(root)
-        self.ann_path = self.root / split / "all_classes.json"
+        self.ann_path = self.root / (annotations or f"{split}/all_classes.json")
         self.frame_dir = self.root / "frames" / split
+        self.keep_non_gt = keep_non_gt
 
     def videos(self) -> list[Video]:
         try:
@@ -28,6 +31,9 @@ class BurstReader(Reader):
             names = s.get("all_image_paths") or s["annotated_image_paths"]
             frames = [n.rsplit(".", 1)[0] for n in names]
             pos = {n: i for i, n in enumerate(names)}
+            if not self.keep_non_gt:
+                s["segmentations"] = [{t: v for t, v in seg.items() if v.get("is_gt", True)}
+                                      for seg in s["segmentations"]]
             tracks = sorted({int(t) for seg in s["segmentations"] for t in seg})
             if len(tracks) > 255:
                 self.problems.append({"file": str(self.ann_path), "reason": f"{s['seq_name']}: > 255 tracks"})

@@ -3,7 +3,7 @@
 - per-dataset frame interval divides the curriculum's max skip (DAVIS 2, OVIS 3, YouTube-VOS/MOSE/BURST 5: the
   stored frames of those are already that far apart);
 - the first frame is drawn anywhere, then each further frame from the union of ±skip windows around the frames
-  already taken (the window grows with the clip); frames are sorted, then reversed with probability 1/2;
+  already taken (the window grows with the clip); frames are stored in time order (the loader reverses);
 - the first frame must hold at least one object; videos with fewer than 8 annotated frames are dropped;
 - the dataset mixture is proportional to annotated frames × multiplier (DAVIS ×2).
 """
@@ -67,9 +67,7 @@ def sample_clip(video: Video, max_skip: int, rng: np.random.Generator, num_frame
             taken.append(pick)
             pool |= set(range(max(0, pick - skip), min(n, pick + skip + 1)))
             pool -= set(taken)
-        taken.sort()
-        if rng.random() < 0.5:
-            taken.reverse()
+        taken.sort()  # time reversal is the training loader's job, not the stored clip's
         frames = tuple(ann[i] for i in taken)
         if video.object_ids.get(frames[0]):
             return frames

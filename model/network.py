@@ -178,6 +178,10 @@ class S3Network(nn.Module):
     def train(self, mode: bool = True) -> S3Network:
         super().train(mode)
         self.mask_encoder.train(mode)  # keeps its BatchNorm statistics frozen
+        if self.cfg.encoder_type.startswith("resnet"):  # Cutie freezes its ResNet's BatchNorm statistics too
+            for m in self.pixel_encoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self
 
 

@@ -23,9 +23,8 @@ def _no_decay_names(network: nn.Module) -> set[str]:
     for mod_name, module in network.named_modules():
         for p_name, param in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, (*NORM_TYPES, nn.Embedding)) or param.ndim <= 1:
-                names.add(full)
-            elif any(part in EMBEDDING_NAMES for part in full.split(".")):
+            is_norm_or_embedding = isinstance(module, (*NORM_TYPES, nn.Embedding))
+            if is_norm_or_embedding or param.ndim <= 1 or any(p in EMBEDDING_NAMES for p in full.split(".")):
                 names.add(full)
     return names
 

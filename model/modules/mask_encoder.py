@@ -46,7 +46,7 @@ class MaskEncoder(nn.Module):
         super().__init__()
         if kind not in MASK_ENCODER_DIMS:
             raise ValueError(f"mask_encoder.type={kind!r}: expected one of {sorted(MASK_ENCODER_DIMS)}")
-        net = timm.create_model(kind, pretrained=False, in_chans=5)
+        net = timm.create_model(kind, pretrained=False, in_chans=5, zero_init_last=False)  # BN γ = 1 as Cutie
         self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.fuser = GroupFusionBlock(pixel_dim, MASK_ENCODER_DIMS[kind], value_dim)

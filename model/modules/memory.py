@@ -34,6 +34,6 @@ def softmax_affinity(similarity: torch.Tensor) -> torch.Tensor:
 
 
 def memory_readout(affinity: torch.Tensor, mem_value: torch.Tensor) -> torch.Tensor:
-    """affinity (B, M, H·W), mem_value (B, CV, T, H', W') with M = T·H'·W' → readout (B, CV, H, W) (fp32)."""
+    """affinity (B, M, HW), mem_value (B, CV, T, h, w) with M = T·h·w → readout (B, CV, HW) in fp32."""
     b, cv = mem_value.shape[:2]
     return torch.bmm(mem_value.reshape(b, cv, -1).float(), affinity)

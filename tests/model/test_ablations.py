@@ -13,7 +13,6 @@ from model.train_wrapper import ClipTrainer
 from tests.model.helpers import make_batch
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", [n for n in CONFIG_NAMES if n != "tiny"])
 def test_one_training_step(name):

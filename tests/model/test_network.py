@@ -24,7 +24,7 @@ def test_one_frame_step_shapes(tiny, h, w):
     image = torch.rand(1, 3, h, w)
     with torch.no_grad():
         ms_feat, pix_feat = net.encode_image(image)
-        assert [tuple(f.shape) for f in ms_feat] == [(1, d, ph // s, pw // s) for d, s in zip(net.ms_dims, (16, 8, 4))]
+        assert [tuple(f.shape) for f in ms_feat] == [(1, d, ph // s, pw // s) for d, s in zip(net.ms_dims, (16, 8, 4), strict=True)]
         assert pix_feat.shape == (1, net.pixel_dim, gh, gw)
         key, shrinkage, selection = net.transform_key(ms_feat[0])
         assert key.shape == (1, net.key_dim, gh, gw) and shrinkage.shape == (1, 1, gh, gw)
@@ -80,3 +80,62 @@ def test_aux_mask_splits_queries_into_foreground_and_background(tiny):
     assert mask[0, 0, :, half:].tolist() == [[[True, False, False, False]] * half] * ot.num_heads
     # object 2 has no foreground: its fully blocked fg rows are unblocked
     assert not mask[0, 1].any()
+
+
+def test_mask_encoder_imagenet_weights(tmp_path):
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    net = build_network(load_model_config("tiny", {"mask_encoder": {"weights": str(path)}}))
+    enc = net.mask_encoder
+    assert torch.equal(enc.conv1.weight[:, :3], reference.conv1.weight)
+    assert enc.conv1.weight[:, 3:].abs().sum() > 0  # the two mask channels: orthogonal init
+    assert torch.equal(enc.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    state = reference.state_dict()
+    del state["layer2.0.conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="layer2.0.conv1.weight"):
+        build_network(load_model_config("tiny", {"mask_encoder": {"weights": str(path)}}))
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        build_network(load_model_config("tiny", {"mask_encoder": {"weights": str(tmp_path / "absent.pth")}}))
+
+
+def test_batchnorm_statistics_stay_frozen_where_cutie_freezes_them():
+    from model.summary import RANDOM_ENCODER
+
+    net = build_network(load_model_config("cutie_base", RANDOM_ENCODER)).train()
+    bns = [m for name in ("mask_encoder", "pixel_encoder") for m in getattr(net, name).modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert net.object_transformer.training
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_full_s3_shapes_on_a_davis_frame():
+    """The spec's measured shapes (section 2) with the full-size S3 on a 480×854 DAVIS frame (padded to 480×864)."""
+    from model.summary import RANDOM_ENCODER
+
+    torch.manual_seed(0)
+    net = build_network(load_model_config("s3", RANDOM_ENCODER)).eval()
+    image, n = torch.rand(1, 3, 480, 854), 2
+    with torch.no_grad():
+        ms_feat, pix_feat = net.encode_image(image)
+        assert [tuple(f.shape) for f in ms_feat] == [(1, 768, 30, 54), (1, 768, 60, 108), (1, 768, 120, 216)]
+        assert pix_feat.shape == (1, 256, 30, 54)
+        key, shrinkage, selection = net.transform_key(ms_feat[0])
+        assert key.shape == selection.shape == (1, 64, 30, 54)
+        masks = torch.zeros(1, n, 480, 854)
+        masks[0, 0, 100:300, 100:400] = 1
+        masks[0, 1, 200:450, 500:800] = 1
+        value, sensory, summaries, _ = net.encode_mask(image, pix_feat, torch.zeros(1, n, 256, 30, 54), masks)
+        assert value.shape == sensory.shape == (1, n, 256, 30, 54)
+        assert summaries.shape == (1, n, 8, 257)
+        readout, aux = net.read_memory(key, selection, key.unsqueeze(2), shrinkage.unsqueeze(2), value.unsqueeze(3),
+                                       summaries.unsqueeze(2), pix_feat, sensory, masks, None)
+        assert readout.shape == (1, n, 256, 30, 54) and len(aux["q_logits"]) == 6
+        _, logits, prob = net.segment(ms_feat, readout, sensory)
+        assert logits.shape == (1, n + 1, 480, 864)
+        assert torch.isfinite(prob).all()

@@ -42,7 +42,9 @@ def test_two_clip_eight_frame_forward_backward(trainer):
     assert not no_grad, f"trainable parameters without a gradient: {no_grad}"
     bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
     assert not bad, bad
-    zero = [n for n, p in trainable if p.grad.abs().sum() == 0]
+    # The deformable attention's offset and weight heads start at zero (Deformable DETR's init), so the norm
+    # feeding them gets a zero gradient on the very first step; every other parameter must get a signal.
+    zero = [n for n, p in trainable if p.grad.abs().sum() == 0 and ".query_norm." not in n]
     assert not zero, f"all-zero gradients: {zero}"
     assert all(p.grad is None for _, p in frozen)
 
@@ -102,3 +104,15 @@ def test_bad_batches_fail_clearly(trainer, change, match):
     change(batch)
     with pytest.raises(ValueError, match=match), torch.no_grad():
         trainer(batch)
+
+
+def test_autocast_bf16_and_a_single_object(trainer):
+    """Mixed precision as on a GPU (here CPU autocast): memory read, GRUs and losses stay in fp32 and finite."""
+    batch = make_batch(b=1, t=4, h=64, w=64, objects=(1,))
+    trainer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = trainer(batch)
+    assert out["logits"].dtype == torch.float32 and out["logits"].shape == (1, 3, 2, 64, 64)
+    assert torch.isfinite(out["total_loss"])
+    out["total_loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in trainer.parameters() if p.grad is not None)

@@ -125,9 +125,8 @@ def _run(step, imgs, mask, device) -> float:
 
 
 def fps_ours(name: str, imgs, mask, device, flip: bool) -> float:
-    from model.config import load_model_config
-
     import model
+    from model.config import load_model_config
     from model.inference import InferenceConfig, InferenceCore
 
     torch.manual_seed(0)

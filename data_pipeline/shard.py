@@ -123,7 +123,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> int:
     """Deterministic tar at `path` via `path.tmp` + rename; returns its size."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, blob in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(blob), 0, 0o644
@@ -157,6 +157,9 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
             members += encode_clip(_READERS[key], video, plan, short, quality)
         except BadInput as e:
             skipped.append({"file": e.file, "reason": e.reason, "video": video.video, "key": plan.key})
+        except Exception as e:  # noqa: BLE001  a decoder crash on one clip must not lose the shard
+            skipped.append({"file": f"{spec['root']} video {video.video}", "video": video.video, "key": plan.key,
+                            "reason": f"unexpected {type(e).__name__}: {e}"})
     path = Path(tar_path)
     size = write_tar(path, members)
     clips = len(items) - len(skipped)

@@ -88,8 +88,8 @@ def champion_weights(alias_uri: str, tracking_uri: str, dest: Path) -> Path:
 def score_network(weights: Path | None, demo: Path, name: str) -> dict:
     """J&F on the synthetic DAVIS val split of the tiny model: trained (weights) or untrained (None)."""
     import torch
-    from model.config import load_model_config
 
+    from model.config import load_model_config
     from training.checkpoint import load_weights
     from training.config import load_config
     from training.evaluate import evaluate_network

@@ -211,7 +211,7 @@ def _per_sequence(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 # -------------------------------------------------------------------------------------------------- inference
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255)
 
 
 def predict_sequence(core, seq: Sequence) -> tuple[dict[str, np.ndarray], float]:
@@ -354,9 +354,8 @@ def copy_first_mask_baseline(val_root: str | os.PathLike, out_dir: str | os.Path
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def load_network(checkpoint: str | os.PathLike, model_config: str | None = None) -> torch.nn.Module:
-    from model.config import load_model_config
-
     import model
+    from model.config import load_model_config
 
     ckpt = Path(checkpoint)
     if not ckpt.is_file():

@@ -83,9 +83,26 @@ class Tracker:
             for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
                 mlflow.log_params(dict(items[i:i + 90]))
             mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+            self._log_shard_manifest(mlflow, Path(cfg.data.shards))
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.tracking_uri = uri
+
+    @staticmethod
+    def _log_shard_manifest(mlflow, shards: Path) -> None:
+        """The data the run trains on: the shard job's manifest (config hash, clip counts, skipped samples)."""
+        path = shards / "manifest.json"
+        if not path.is_file():
+            log.warning("no shard manifest at %s: the run's data provenance is not logged", path)
+            return
+        manifest = json.loads(path.read_text())
+        mlflow.log_dict(manifest, "data/manifest.json")
+        mlflow.log_params({"data/config_hash": manifest.get("config_hash", ""),
+                           "data/num_clips": manifest.get("num_clips", -1)})
+        skipped = manifest.get("skipped", [])
+        mlflow.log_metric("data/skipped_samples", float(manifest.get("num_skipped", len(skipped))), step=0)
+        if skipped:
+            mlflow.log_dict({"skipped": skipped}, "data/skipped_samples.json")
 
     # ---------------------------------------------------------------------------------- robust calls
 

@@ -181,10 +181,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- building
 
     def _build_model(self):
+        import model
         from model.config import load_model_config
         from model.train_wrapper import ClipTrainer
-
-        import model
 
         d = self.cfg.data
         overrides = {"num_frames": d.num_frames, "num_ref_frames": d.num_ref_frames, "num_objects": d.num_objects}

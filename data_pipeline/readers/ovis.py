@@ -26,8 +26,10 @@ def decode_rle(seg: dict, h: int, w: int, where: str) -> np.ndarray:
 class OvisReader(Reader):
     name = "ovis"
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", keep_crowd: bool = True):
+        """`keep_crowd`: keep tracks marked `iscrowd: 1` as objects (OVIS has few; Cutie's conversion keeps them)."""
         super().__init__(root)
+        self.keep_crowd = keep_crowd
         self.image_dir = self.root / split
         self.ann_path = self.root / "annotations" / f"annotations_{split}.json"
 
@@ -44,6 +46,12 @@ class OvisReader(Reader):
             files = v["file_names"]
             name = files[0].split("/")[0]
             tracks = sorted(anns.get(v["id"], []), key=lambda a: a["id"])
+            if not self.keep_crowd:
+                tracks = [t for t in tracks if not t.get("iscrowd", 0)]
+            if len(tracks) > 255:
+                self.problems.append({"file": str(self.ann_path), "video": name,
+                                      "reason": f"video {name}: {len(tracks)} tracks do not fit a uint8 id mask"})
+                continue
             h, w = int(v["height"]), int(v["width"])
             bad = [t for t in tracks for s in t["segmentations"]
                    if s and isinstance(s, dict) and list(s.get("size", [])) != [h, w]]

@@ -119,3 +119,18 @@ def test_bad_inputs_recorded_and_skipped(data, ref, tmp_path):
     names = [n for p in out.rglob("*.tar") for n in member_names(p)]
     assert names and not [n for n in names if n.startswith("davis_dtrain00_")]  # the damaged video is left out
     assert [n for n in names if n.startswith("davis_dtrain01_")]
+
+
+def test_long_sample_keys_survive_the_tar(tmp_path):
+    """BURST and YouTube-VOS names make keys past USTAR's 100-character limit: the shard must still hold them
+    whole, and WebDataset must group a sample's members under that key."""
+    from data_pipeline.shard import write_tar
+
+    key = "burst__" + "HACS__" + "Long_jump_v_" + "x" * 120 + "__skip05__0003"
+    members = sorted([(f"{key}.00.jpg", b"jpg"), (f"{key}.00.png", b"png"), (f"{key}.json", b"{}")])
+    path = tmp_path / "shard-000000.tar"
+    write_tar(path, members)
+    with tarfile.open(path) as t:
+        assert sorted(t.getnames()) == [m[0] for m in members]
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert len(samples) == 1 and samples[0]["__key__"] == key and samples[0]["00.png"] == b"png"

@@ -92,9 +92,8 @@ def _core_landed() -> bool:
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not _core_landed(), reason="model.config / configs/tiny.yaml not in the tree yet")
 def test_cli_on_tiny_config_with_a_depth_anything_file(tmp_path):
-    from model.config import load_model_config
-
     from model import build_network
+    from model.config import load_model_config
     from model.weights import find_vit
 
     network = build_network(load_model_config("tiny", {"pixel_encoder": {"init": "random", "weights": None}}))

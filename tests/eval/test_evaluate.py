@@ -19,9 +19,8 @@ from training import evaluate
 
 @pytest.fixture(scope="module")
 def tiny():
-    from model.config import load_model_config
-
     import model
+    from model.config import load_model_config
 
     torch.manual_seed(0)
     cfg = load_model_config("tiny", None)

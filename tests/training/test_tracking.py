@@ -3,6 +3,7 @@ tracking server that disappears mid-run costs no metrics (kept locally, replayed
 
 from __future__ import annotations
 
+import json
 import socket
 
 import mlflow
@@ -25,6 +26,12 @@ def cfg(tmp_path):
     c.tracking.experiment = "tracking-test"
     c.tracking.system_metrics = False
     c.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    skipped = [{"file": "MOSE/train/JPEGImages/v1/00003.jpg", "reason": "truncated JPEG", "key": "mose__v1__0"}]
+    (shards / "manifest.json").write_text(json.dumps({"config_hash": "abc123", "num_clips": 7, "num_skipped": 1,
+                                                      "skipped": skipped}))
+    c.data.shards = str(shards)
     return c
 
 
@@ -57,6 +64,10 @@ def test_one_run_params_resume_and_outage(cfg, tmp_path, monkeypatch):
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
     assert client.get_metric_history(t.run_id, "tracking/replayed_metrics")[0].value == 2
     assert any(a.path == "config" for a in client.list_artifacts(t.run_id))
+    # the data it trained on: shard manifest, its hash and the samples the shard job skipped
+    assert runs[0].data.params["data/config_hash"] == "abc123" and runs[0].data.metrics["data/skipped_samples"] == 1
+    assert {a.path for a in client.list_artifacts(t.run_id, "data")} == {"data/manifest.json",
+                                                                         "data/skipped_samples.json"}
     assert exp.artifact_location.startswith("file://") and str(tmp_path) in exp.artifact_location
 
 

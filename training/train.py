@@ -222,6 +222,8 @@ class Trainer:
                    disable=self.rank != 0, dynamic_ncols=True)
         status = "KILLED"  # until the loop ends normally
         try:
+            if self._owes_validation():  # the last run died while validating the checkpoint it resumed from
+                self._validate()
             while self.iteration < min(total, stop_at):
                 t_start = time.time()
                 lr = optim.set_lr(self.base_optimizer, cfg, self.iteration)
@@ -285,12 +287,16 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())
         terms = {k: v / self.split.accumulation for k, v in sums.items()}
         keys = sorted(terms)
-        vec = torch.tensor([terms[k] for k in keys] + [data_wait, clips], dtype=torch.float64, device=self.device)
+        skipped = float(getattr(self.loader, "skipped", 0))  # bad samples/shards this rank's loader passed over
+        vec = torch.tensor([terms[k] for k in keys] + [data_wait, skipped, clips], dtype=torch.float64,
+                           device=self.device)
         self.dist.all_reduce(vec)
-        means = (vec[:-1] / self.world).tolist()
-        terms = dict(zip(keys, means[:-1], strict=True))
-        terms["clips"] = int(vec[-1].item())  # clips in this optimizer step over all ranks (= the global batch)
-        return terms, means[-1]
+        vals = vec.tolist()
+        n = len(keys)
+        terms = {k: vals[i] / self.world for i, k in enumerate(keys)}
+        terms["data_skipped"] = int(vals[n + 1])  # summed over ranks
+        terms["clips"] = int(vals[n + 2])  # clips in this optimizer step over all ranks (= the global batch)
+        return terms, vals[n] / self.world
 
     def _record(self, terms: dict[str, float], lr: float, data_wait: float, seconds: float) -> None:
         if self.rank != 0:
@@ -301,7 +307,8 @@ class Trainer:
         if self.iteration % self.cfg.tracking.log_every and self.iteration != 1:
             return
         metrics = {f"train/{k.removeprefix('loss/')}" if k != "total_loss" else "train/loss": v
-                   for k, v in terms.items() if k != "clips"}
+                   for k, v in terms.items() if k not in ("clips", "data_skipped")}
+        metrics["data/loader_skipped"] = terms.get("data_skipped", 0)
         metrics.update({"train/lr": lr, "train/clips_per_s": self.split.global_batch / max(seconds, 1e-9),
                         "train/data_wait_s": data_wait, "train/seconds_per_it": seconds,
                         "train/memory_mb": _memory_mb(), "train/nonfinite_skipped": self.nonfinite_total})
@@ -332,7 +339,21 @@ class Trainer:
             ref = self._save()
         if self.rank == 0:
             validate_checkpoint(self.cfg, self.model_cfg, ref, self.tracker)
+            with open(self.out / "validated.txt", "a") as f:  # read by _owes_validation after a relaunch
+                f.write(ref.tag + "\n")
         self.dist.barrier()
+
+    def _owes_validation(self) -> bool:
+        """True (on every rank) when the resumed checkpoint is a validation point that was never validated."""
+        v, total = self.cfg.validation, self.cfg.train.iterations
+        if self.resume_from is None or not v.every:
+            return False
+        due = self.iteration % v.every == 0 or (self.iteration == total and v.at_end)
+        owed = False
+        if due and self.rank == 0:
+            done = self.out / "validated.txt"
+            owed = self.resume_from.tag not in (done.read_text().split() if done.is_file() else [])
+        return bool(self._broadcast(owed))
 
 
 if __name__ == "__main__":

@@ -313,3 +313,29 @@ def test_tracking_server_down_mid_run(shards, tmp_path):
         assert run.info.status == "FINISHED"
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(900)
+def test_killed_while_validating_the_final_checkpoint_is_validated_on_relaunch(shards, synth_data, tmp_path):
+    """Item 2, the last step: the job dies while rank 0 validates the final checkpoint (its consolidated weights
+    are on disk, the MLflow LoggedModel is not). The relaunch has no iteration left to train; it must still
+    validate that checkpoint, so the UI lists it with its score, and it must not train again."""
+    out, fault = tmp_path / "run", tmp_path / "fault"
+    tag = f"iter_{ITERATIONS:07d}"
+    args = overrides(shards, out, f"validation.every={ITERATIONS}", f"validation.root={synth_data / 'DAVIS'}",
+                     "validation.size=64", "validation.overlays=0")
+    held = launch_and_kill(1, args, f"hold:done=weights/{tag}:name=point", fault)
+    assert tag in held["point"]
+    assert checkpoints(out)[tag] is True and not (out / "validated.txt").exists()
+
+    proc = launch(1, args)
+    assert f"validated {tag}" in proc.stdout + proc.stderr
+    assert (out / "validated.txt").read_text().split() == [tag]
+    assert sorted(losses(out)) == list(range(1, ITERATIONS + 1))  # no iteration trained twice
+    import mlflow
+
+    client, (run,) = mlflow_runs(out)
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    ready = [m for m in models if str(m.status).endswith("READY")]
+    assert [m.metrics[0].step for m in ready if m.metrics] == [ITERATIONS]

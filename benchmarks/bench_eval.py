@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import evaluate  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # rf-cutie's torch.cuda.amp calls
 
 
 def make_folders(root: Path, n_seq: int, t: int, h: int = 480, w: int = 854, seed: int = 0) -> tuple[Path, Path]:
@@ -130,7 +133,8 @@ def fps_ours(name: str, imgs, mask, device, flip: bool) -> float:
     from model.inference import InferenceConfig, InferenceCore
 
     torch.manual_seed(0)
-    net = model.build_network(load_model_config(name, None)).to(device).eval()
+    random_init = {"pixel_encoder": {"init": "random", "weights": None}}  # random weights, like the peer's
+    net = model.build_network(load_model_config(name, random_init)).to(device).eval()
     core = InferenceCore(net, InferenceConfig(size=480, flip=flip))
     return _run(lambda im, m: core.step(im, m), imgs, mask, device)
 

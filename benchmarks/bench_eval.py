@@ -84,6 +84,13 @@ def bench_scoring(args) -> None:
         print(f"  vos-benchmark {t_peer:7.2f} s  J&F {peer_jf if peer_jf is None else round(float(peer_jf), 2)}"
               f"  ({frames / t_peer:.1f} frames/s)")
         print(f"  speed ratio ours/vos-benchmark: {t_peer / t_ours:.2f}x")
+        peer_objects = peer[3][0] if isinstance(peer, tuple) and len(peer) > 3 else {}
+        same = [abs(100 * r["J-Mean"] - peer_objects[r["sequence"]][0][r["object"]]) < 1e-4
+                and abs(100 * r["F-Mean"] - peer_objects[r["sequence"]][1][r["object"]]) < 1e-4
+                for r in ours["per_object"] if r["sequence"] in peer_objects]
+        print(f"  per-object J and F equal (1e-6) for {sum(same)} of {len(same)} objects; the others are fully occluded"
+              " in the first frames: the official DAVIS evaluator (and ours) scores those frames, vos-benchmark"
+              " starts an object at its first appearance, so the global J&F differs by that definition only")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

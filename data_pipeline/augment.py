@@ -172,9 +172,9 @@ def merge(frames: np.ndarray, masks: np.ndarray, frames2: np.ndarray, masks2: np
           ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """Paste clip 2's objects over clip 1 through a Gaussian-blurred (5×5, σ 1) alpha; returns the merged clip and
     {old id in clip 2: new id} (Cutie's `(l2 + 10) % 255`, bumped until unique)."""
-    used = {int(v) for v in np.unique(masks)}
+    used = {0, *ids_present(masks)}
     mapping: dict[int, int] = {}
-    for old in (int(v) for v in np.unique(masks2) if v):
+    for old in ids_present(masks2):
         new = (old + 10) % 255
         while new == 0 or new in used:
             new = (new + 1) % 255
@@ -204,8 +204,17 @@ def merge(frames: np.ndarray, masks: np.ndarray, frames2: np.ndarray, masks2: np
 # ----------------------------------------------------------------------------------------------- a clip
 
 
+def ids_present(mask: np.ndarray) -> list[int]:
+    """Sorted non-zero ids of a uint8 id map (a histogram: several times faster than np.unique at 480p)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8:
+        return [int(v) for v in np.unique(mask) if v]
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
+
+
 def choose_objects(rng: np.random.Generator, first_mask: np.ndarray, num_objects: int) -> list[int]:
-    present = [int(v) for v in np.unique(first_mask) if v]
+    present = ids_present(first_mask)
     if len(present) > num_objects:
         present = [present[i] for i in rng.choice(len(present), num_objects, replace=False)]
     else:

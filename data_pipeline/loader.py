@@ -336,7 +336,7 @@ class _Lane:
             except A.NoObjectError:
                 continue  # deterministic: the next draw of the same stream
             mapping: dict[int, int] = {}
-            n_first = len([v for v in np.unique(masks[0]) if v])
+            n_first = len(A.ids_present(masks[0]))
             if n_first < p.num_objects and rng.random() < p.merge_probability and len(idx) > 1:
                 other = (pos + 1 + int(rng.integers(len(idx) - 1))) % len(idx)
                 second = self._load(path, idx, other)
@@ -564,7 +564,7 @@ def _eval_clip(key: str, fields: dict[str, bytes], num_frames: int, num_objects:
     frames, masks, meta = decode_sample(blob, key, offsets, num_frames)
     frames = np.stack([cv2.resize(f, (crop_size, crop_size), interpolation=cv2.INTER_LINEAR) for f in frames])
     masks = np.stack([cv2.resize(m, (crop_size, crop_size), interpolation=cv2.INTER_NEAREST) for m in masks])
-    objects = [int(v) for v in np.unique(masks[0]) if v][:num_objects]
+    objects = A.ids_present(masks[0])[:num_objects]
     return {"rgb": frames.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, "cls": A.slot_maps(masks, objects), "objects": objects,
             "info": {"key": key, "dataset": meta.get("dataset"), "video": meta.get("video"),
                      "frames": meta.get("frames"), "object_ids": objects, "level": meta.get("level")}}

@@ -192,7 +192,32 @@ def _source_bytes(spec, video: Video, plan: ClipPlan) -> int:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def list_videos(cfg: dict) -> tuple[dict[str, list[Video]], dict[str, dict], list[dict]]:
+LIST_CHUNK = 32  # videos per listing task: reading every mask of YouTube-VOS/MOSE is the job's serial part
+
+
+def list_chunk(spec: dict, names: list[str]) -> tuple[list[Video], list[dict]]:
+    """List some videos of one dataset (a Ray task): their Video records and the problems met."""
+    reader = build_reader(spec["dataset"], spec["root"], **spec.get("options", {}))
+    return reader.videos(names), reader.problems
+
+
+def _list_dataset(reader, spec: dict, ray, chunk: int) -> tuple[list[Video], list[dict]]:
+    names = reader.video_names()
+    if ray is None or names is None or len(names) <= chunk:
+        return reader.videos(), reader.problems
+    task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(list_chunk)
+    refs = [task.remote(spec, names[i:i + chunk]) for i in range(0, len(names), chunk)]
+    videos, problems = [], []
+    for vs, ps in tqdm((ray.get(r) for r in refs), total=len(refs), desc=f"list {spec['dataset']}", unit="chunk",
+                       file=sys.stdout, disable=len(refs) < 4):
+        videos += vs  # in name order whatever node listed them: the plan (and the tars) stay byte-identical
+        problems += ps
+    return videos, problems
+
+
+def list_videos(cfg: dict, ray=None, chunk: int = LIST_CHUNK
+                ) -> tuple[dict[str, list[Video]], dict[str, dict], list[dict]]:
+    """Every dataset's videos; with `ray`, the datasets that can be split are listed in parallel tasks."""
     videos, specs, skipped = {}, {}, []
     for d, folder in cfg["datasets"].items():
         root = str(Path(cfg["data_root"]) / folder)
@@ -200,8 +225,8 @@ def list_videos(cfg: dict) -> tuple[dict[str, list[Video]], dict[str, dict], lis
         specs[d] = {"dataset": d, "root": root, "options": opts}
         try:
             reader = build_reader(d, root, **opts)
-            videos[d] = reader.videos()
-            skipped += [dict(p, dataset=d) for p in reader.problems]
+            videos[d], problems = _list_dataset(reader, specs[d], ray, chunk)
+            skipped += [dict(p, dataset=d) for p in problems]
         except BadInput as e:
             videos[d] = []
             skipped.append({"file": e.file, "reason": e.reason, "dataset": d})
@@ -231,7 +256,15 @@ def run(cfg: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob("*.tmp"):  # leftovers of a killed run
         stale.unlink()
-    videos, specs, skipped = list_videos(cfg)
+    ray = init_ray(cfg["num_cpus"])
+    try:
+        return _run(cfg, out, ray, t0)
+    finally:
+        ray.shutdown()
+
+
+def _run(cfg: dict, out: Path, ray, t0: float) -> dict:
+    videos, specs, skipped = list_videos(cfg, ray)
     plans = plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
     by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
     jobs = []  # (tar path, items)
@@ -245,17 +278,13 @@ def run(cfg: dict) -> dict:
     todo = [(p, it) for p, it in jobs if not p.with_name(p.name.replace(".tar", ".stats.json")).is_file()]
     print(f"{len(jobs)} shards planned, {len(jobs) - len(todo)} already done", flush=True)
     if todo:
-        ray = init_ray(cfg["num_cpus"])
-        try:
-            remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(shard_task)
-            pending = [remote.remote(str(p), it, cfg["short_side"], cfg["jpeg_quality"]) for p, it in todo]
-            with tqdm(total=len(pending), desc="shards", unit="shard", file=sys.stdout) as bar:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    ray.get(done)
-                    bar.update(len(done))
-        finally:
-            ray.shutdown()
+        remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(shard_task)
+        pending = [remote.remote(str(p), it, cfg["short_side"], cfg["jpeg_quality"]) for p, it in todo]
+        with tqdm(total=len(pending), desc="shards", unit="shard", file=sys.stdout) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+                bar.update(len(done))
     stats = {}
     for p, _ in jobs:
         st = json.loads(p.with_name(p.name.replace(".tar", ".stats.json")).read_text())

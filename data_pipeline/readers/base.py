@@ -71,6 +71,11 @@ class Reader:
     def videos(self) -> list[Video]:
         raise NotImplementedError
 
+    def video_names(self) -> list[str] | None:
+        """Names `videos(names)` can list a part of (so a Ray job lists a large dataset in parallel chunks);
+        None where the reader lists everything from one index file in one go (OVIS, BURST)."""
+        return None
+
     def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -92,11 +97,15 @@ class PngFolderReader(Reader):
             return None
         return [int(k) for k in np.unique(read_index_png(p)) if k]
 
-    def videos(self) -> list[Video]:
+    def video_names(self) -> list[str]:
         if not self.image_dir.is_dir():
             raise BadInput(self.image_dir, "image folder missing")
-        names = self.names if self.names is not None else sorted(p.name for p in self.image_dir.iterdir()
-                                                                  if p.is_dir())
+        return self.names if self.names is not None else sorted(p.name for p in self.image_dir.iterdir()
+                                                                if p.is_dir())
+
+    def videos(self, names: list[str] | None = None) -> list[Video]:
+        """The named videos (all by default), reading every mask for its object ids; bad videos go to `problems`."""
+        names = self.video_names() if names is None else names
         out = []
         for v in names:
             frames = sorted(p.stem for p in (self.image_dir / v).glob("*.jpg"))

@@ -134,3 +134,33 @@ def test_long_sample_keys_survive_the_tar(tmp_path):
         assert sorted(t.getnames()) == [m[0] for m in members]
     samples = list(wds.WebDataset(str(path), shardshuffle=False))
     assert len(samples) == 1 and samples[0]["__key__"] == key and samples[0]["00.png"] == b"png"
+
+
+def test_listing_in_ray_tasks_equals_the_serial_listing(data, tmp_path):
+    """Reading every mask of YouTube-VOS/MOSE to list their objects is split into Ray tasks of a few videos; the
+    result (videos, frames, object ids per frame, order, problems) must equal the serial listing, bad inputs
+    included."""
+    import ray
+
+    from data_pipeline import shard as S
+
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    vids = sorted((bad / "MOSE" / "train" / "JPEGImages").iterdir())
+    (vids[1] / sorted(os.listdir(vids[1]))[2]).write_bytes(b"")  # a zero-byte JPEG in one MOSE video
+    cfg = S.load_config(CONFIG, data_root=bad, out=tmp_path / "out")
+    serial = S.list_videos(cfg)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        parallel = S.list_videos(cfg, ray, chunk=2)
+    finally:
+        ray.shutdown()
+
+    def flat(listing):
+        videos, specs, skipped = listing
+        return ({d: [(v.video, v.frames, v.annotated, v.object_ids) for v in vs] for d, vs in videos.items()},
+                specs, skipped)
+
+    assert flat(parallel) == flat(serial)
+    assert any(s["dataset"] == "mose" and "zero-byte" in s["reason"] for s in serial[2])
+    assert sum(len(v) for v in serial[0].values()) > 10

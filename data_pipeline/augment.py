@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .readers.base import ids_present
+
 IM_MEAN = (124, 116, 104)  # Cutie's fill colour for pixels the affine brings in from outside the frame
 
 
@@ -202,15 +204,6 @@ def merge(frames: np.ndarray, masks: np.ndarray, frames2: np.ndarray, masks2: np
 
 
 # ----------------------------------------------------------------------------------------------- a clip
-
-
-def ids_present(mask: np.ndarray) -> list[int]:
-    """Sorted non-zero ids of a uint8 id map (a histogram: several times faster than np.unique at 480p)."""
-    mask = np.asarray(mask)
-    if mask.dtype != np.uint8:
-        return [int(v) for v in np.unique(mask) if v]
-    counts = np.bincount(mask.ravel(), minlength=256)
-    return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
 
 
 def choose_objects(rng: np.random.Generator, first_mask: np.ndarray, num_objects: int) -> list[int]:

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import augment as A
+from data_pipeline.readers.base import ids_present
 
 log = logging.getLogger("data_pipeline.loader")
 
@@ -336,7 +337,7 @@ class _Lane:
             except A.NoObjectError:
                 continue  # deterministic: the next draw of the same stream
             mapping: dict[int, int] = {}
-            n_first = len(A.ids_present(masks[0]))
+            n_first = len(ids_present(masks[0]))
             if n_first < p.num_objects and rng.random() < p.merge_probability and len(idx) > 1:
                 other = (pos + 1 + int(rng.integers(len(idx) - 1))) % len(idx)
                 second = self._load(path, idx, other)
@@ -564,7 +565,7 @@ def _eval_clip(key: str, fields: dict[str, bytes], num_frames: int, num_objects:
     frames, masks, meta = decode_sample(blob, key, offsets, num_frames)
     frames = np.stack([cv2.resize(f, (crop_size, crop_size), interpolation=cv2.INTER_LINEAR) for f in frames])
     masks = np.stack([cv2.resize(m, (crop_size, crop_size), interpolation=cv2.INTER_NEAREST) for m in masks])
-    objects = A.ids_present(masks[0])[:num_objects]
+    objects = ids_present(masks[0])[:num_objects]
     return {"rgb": frames.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, "cls": A.slot_maps(masks, objects), "objects": objects,
             "info": {"key": key, "dataset": meta.get("dataset"), "video": meta.get("video"),
                      "frames": meta.get("frames"), "object_ids": objects, "level": meta.get("level")}}

@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from .readers import BadInput, Video, build_reader
+from .readers.base import ids_present
 from .sampling import ClipPlan, mixture_weights, plan_clips, usable
 
 OPTIONAL = {"reader_options"}  # dataset -> reader keyword arguments (DAVIS resolution, BURST annotations, ...)
@@ -98,7 +99,7 @@ def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int) 
         orig = orig or list(img.shape[:2])
         if list(img.shape[:2]) != orig:
             raise BadInput(where, f"frame size {img.shape[:2]} differs from the clip's {orig}")
-        ids = sorted(int(k) for k in np.unique(mask) if k)
+        ids = ids_present(mask)
         if t == 0:
             if not ids:
                 raise BadInput(where, "first frame of the clip has no object")
@@ -203,8 +204,10 @@ def list_chunk(spec: dict, names: list[str]) -> tuple[list[Video], list[dict]]:
 
 def _list_dataset(reader, spec: dict, ray, chunk: int) -> tuple[list[Video], list[dict]]:
     names = reader.video_names()
-    if ray is None or names is None or len(names) <= chunk:
+    if names is None:  # listed from one index file (OVIS, BURST)
         return reader.videos(), reader.problems
+    if ray is None or len(names) <= chunk:
+        return reader.videos(names), reader.problems
     task = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(list_chunk)
     refs = [task.remote(spec, names[i:i + chunk]) for i in range(0, len(names), chunk)]
     videos, problems = [], []

@@ -211,7 +211,7 @@ def _per_sequence(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 # -------------------------------------------------------------------------------------------------- inference
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.require(img, requirements=['C', 'W'])).permute(2, 0, 1).float().div_(255)
 
 
 def predict_sequence(core, seq: Sequence) -> tuple[dict[str, np.ndarray], float]:

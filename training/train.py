@@ -287,7 +287,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())
         terms = {k: v / self.split.accumulation for k, v in sums.items()}
         keys = sorted(terms)
-        skipped = float(getattr(self.loader, "skipped", 0))  # bad samples/shards this rank's loader passed over
+        skipped = float(self.loader.skipped)  # bad samples/shards this rank's loader passed over
         vec = torch.tensor([terms[k] for k in keys] + [data_wait, skipped, clips], dtype=torch.float64,
                            device=self.device)
         self.dist.all_reduce(vec)

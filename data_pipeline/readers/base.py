@@ -10,6 +10,15 @@ import numpy as np
 from PIL import Image
 
 
+def ids_present(mask: np.ndarray) -> list[int]:
+    """Sorted non-zero ids of an id map (for uint8, a histogram: several times faster than np.unique at 480p)."""
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8:
+        return [int(v) for v in np.unique(mask) if v]
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
+
+
 class BadInput(ValueError):
     """A damaged input file: `file` names it, `reason` says what is wrong."""
 
@@ -95,7 +104,7 @@ class PngFolderReader(Reader):
         p = self.mask_dir / video / f"{frame}.png"
         if not p.is_file():
             return None
-        return [int(k) for k in np.unique(read_index_png(p)) if k]
+        return ids_present(read_index_png(p))
 
     def video_names(self) -> list[str]:
         if not self.image_dir.is_dir():

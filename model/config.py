@@ -79,7 +79,7 @@ class ModelConfig:
     num_ref_frames: int = 3
     num_objects: int = 3
     deep_update_prob: float = 0.2
-    pad_to: int = 32  # inputs are padded to a multiple of this (the spatial-semantic encoder needs 32)
+    pad_to: int = 32  # inputs are padded to a multiple of this (the spatial-semantic encoder needs 32, ResNets 16)
     # settings handed to model.inference.InferenceConfig (checked there); empty = its defaults
     inference: dict[str, Any] = field(default_factory=dict)
 
@@ -176,7 +176,9 @@ def validate(cfg: ModelConfig) -> None:
     _require(cfg.num_ref_frames >= 1, "num_ref_frames", cfg.num_ref_frames, "must be >= 1")
     _require(0.0 <= cfg.drop_path < 1.0, "drop_path", cfg.drop_path, "expected a rate in [0, 1)")
     _require(0.0 <= cfg.deep_update_prob <= 1.0, "deep_update_prob", cfg.deep_update_prob, "expected [0, 1]")
-    _require(cfg.pad_to % 32 == 0, "pad_to", cfg.pad_to, "must be a multiple of 32 (the encoder's coarsest grid)")
+    need = 16 if cfg.encoder_type.startswith("resnet") else 32
+    _require(cfg.pad_to % need == 0, "pad_to", cfg.pad_to,
+             f"must be a multiple of {need} (the {cfg.encoder_type} encoder's coarsest grid)")
     _require(cfg.mask_encoder.type == "resnet18", "mask_encoder.type", cfg.mask_encoder.type,
              "only resnet18 (Cutie's mask encoder) is implemented")
     ot = cfg.object_transformer

@@ -104,7 +104,7 @@ def score_network(weights: Path | None, demo: Path, name: str) -> dict:
         load_weights(network, weights)
     network.eval()
     return evaluate_network(network, str(demo / "data" / "DAVIS"), split="val", size=cfg.validation.size,
-                            out_dir=demo / "eval" / name)
+                            out_dir=demo / "eval" / name, overwrite=True)
 
 
 # Test-sized training (tests/training): the same demo config, a smaller crop, so a launch takes seconds.

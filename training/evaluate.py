@@ -1,21 +1,18 @@
-"""Run a network over a VOS benchmark split, write palette-PNG predictions, and score DAVIS-style J&F.
+"""Run a network over a VOS benchmark split as Cutie's evaluation pipeline does, write palette-PNG predictions and
+submission zips, and score what has public ground truth.
 
-    python -m training.evaluate --checkpoint CKPT --data ROOT --format davis|youtubevos|mose --split val --size 480 \
-        --out DIR [--flip] [--model-config NAME_OR_PATH]
-    python -m training.evaluate --predictions PRED_DIR --data ROOT --format davis --split val --out DIR
+    python -m training.evaluate --checkpoint CKPT --data ROOT --format davis|youtubevos|mose|lvos --split val \
+        --out DIR [--preset cutie|s3] [--size 480] [--flip|--no-flip] [--long-term|--no-long-term] [--mem-every N]
+    python -m training.evaluate --predictions DIR/Annotations --data ROOT --format davis|lvos --split val --out DIR2
 
-Layouts read (val splits only):
-- davis: ROOT/ImageSets/2017/<split>.txt, ROOT/JPEGImages/480p/<seq>/<frame>.jpg, ROOT/Annotations/480p/<seq>/<frame>.png
-  (palette PNGs read as indices). Only the first frame's mask is given to the model; every frame is written to
-  OUT/<seq>/<frame>.png and scored against the ground truth (training.metrics, the official DAVIS definitions):
-  OUT/global_results-<split>.csv and OUT/per-sequence_results-<split>.csv (one row per object, `<seq>_<id>`).
-- youtubevos: ROOT/<valid|split>/{JPEGImages,Annotations}/<vid>/ + meta.json. Masks are given on every frame that has
-  an annotation PNG (objects first appear there, per meta.json); only the frames listed in meta.json are written
-  (OUT/Annotations/<vid>/<frame>.png), then zipped as OUT/submission.zip for the server (GT is hidden: no CSV).
-- mose: ROOT/<valid|split>/{JPEGImages,Annotations}/<vid>/, first-frame masks only; every frame is written and zipped.
+CKPT is our consolidated state dict (model config from --model-config or the `<stem>.model.yaml` sidecar), or a
+network file as Cutie's or the S3 release's trainers save it (layout detected, renamed by `model.convert`).
+Predictions go to OUT/Annotations/<seq>/<frame>.png; scores (the official davis2017-evaluation CSVs, or LVOS's),
+`summary.json` with every setting used, and the submission zip go to OUT itself, never into a predictions folder.
+A non-empty OUT is refused unless --overwrite (which empties it first), so old predictions never mix in.
 
-The checkpoint is a plain fp32 state dict (training.checkpoint.consolidate), loaded with weights_only=True; the model
-config comes from --model-config or from the sidecar `<checkpoint stem>.model.yaml` written next to it by validation.
+Formats and what is given, written and scored: `training/formats/` (one module each). Presets (Cutie's and S3's
+memory settings per benchmark, sizes, DAVIS Full-Resolution at 600/720): `training/formats/presets.py`.
 """
 
 from __future__ import annotations
@@ -26,157 +23,36 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from training import metrics
+from training.formats import davis, lvos, mose, presets, youtubevos
+from training.formats.base import DAVIS_PALETTE, Sequence, prepare_out, read_mask, write_png
 
 log = logging.getLogger(__name__)
-FORMATS = ("davis", "youtubevos", "mose")
+FORMATS = presets.FORMATS
+_MODULES = {"davis": davis, "youtubevos": youtubevos, "mose": mose, "lvos": lvos}
+__all__ = ["DAVIS_PALETTE", "FORMATS", "Sequence", "evaluate_network", "load_network", "main", "read_mask",
+           "read_split", "score_predictions", "write_png"]
 
 
-def davis_palette() -> bytes:
-    """The PASCAL-VOC / DAVIS colour map (256 entries, bit-interleaved)."""
-    out = bytearray()
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out += bytes((r, g, b))
-    return bytes(out)
-
-
-DAVIS_PALETTE = davis_palette()
-
-
-# ------------------------------------------------------------------------------------------------- dataset readers
-@dataclass
-class Sequence:
-    name: str
-    frames: list[str]  # frame names without extension, in order
-    image_dir: Path
-    mask_dir: Path
-    mask_frames: list[str]  # frames with an annotation PNG that is given to the model
-    objects_at: dict[str, list[int]] = field(default_factory=dict)  # frame -> object ids first given there
-    output_frames: list[str] | None = None  # None = every frame
-    has_gt: bool = False
-
-    def image(self, frame: str) -> np.ndarray:
-        path = self.image_dir / f"{frame}.jpg"
-        try:
-            return np.asarray(Image.open(path).convert("RGB"))
-        except OSError as e:
-            raise OSError(f"cannot read frame {path}: {e}") from e
-
-    def mask(self, frame: str) -> np.ndarray:
-        return read_mask(self.mask_dir / f"{frame}.png")
-
-
-def read_mask(path: Path) -> np.ndarray:
-    try:
-        img = Image.open(path)
-    except OSError as e:
-        raise OSError(f"cannot read mask {path}: {e}") from e
-    if img.mode not in ("P", "L"):
-        raise ValueError(f"{path}: expected a palette (P) or grey (L) PNG of object ids, got mode {img.mode}")
-    return np.asarray(img)
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    for name in ([split, "valid"] if split == "val" else [split]):
-        if (root / name / "JPEGImages").is_dir():
-            return root / name
-    if (root / "JPEGImages").is_dir():
-        return root
-    raise FileNotFoundError(f"no JPEGImages folder under {root} (looked for {root}/{split}, {root}/valid, {root})")
-
-
-def read_davis(root: Path, split: str = "val", resolution: str = "480p") -> list[Sequence]:
-    listing = root / "ImageSets" / "2017" / f"{split}.txt"
-    if not listing.is_file():
-        raise FileNotFoundError(f"DAVIS split file not found: {listing}")
-    seqs = []
-    for name in listing.read_text().split():
-        img_dir = root / "JPEGImages" / resolution / name
-        ann_dir = root / "Annotations" / resolution / name
-        frames = sorted(p.stem for p in img_dir.glob("*.jpg"))
-        if not frames:
-            raise FileNotFoundError(f"DAVIS sequence {name}: no JPEG frames in {img_dir}")
-        if not (ann_dir / f"{frames[0]}.png").is_file():
-            raise FileNotFoundError(f"DAVIS sequence {name}: no first-frame annotation {ann_dir / frames[0]}.png")
-        has_gt = all((ann_dir / f"{f}.png").is_file() for f in frames)
-        seqs.append(Sequence(name, frames, img_dir, ann_dir, [frames[0]], has_gt=has_gt))
-    return seqs
-
-
-def read_youtubevos(root: Path, split: str = "val", use_meta: bool = True) -> list[Sequence]:
-    base = _split_dir(root, split)
-    meta_file = base / "meta.json"
-    meta = None
-    if use_meta:
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"YouTube-VOS meta.json not found: {meta_file}")
-        try:
-            meta = json.loads(meta_file.read_text())["videos"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{meta_file}: not a YouTube-VOS meta.json ({e})") from e
-    seqs = []
-    for img_dir in sorted(p for p in (base / "JPEGImages").iterdir() if p.is_dir()):
-        name = img_dir.name
-        ann_dir = base / "Annotations" / name
-        frames = sorted(p.stem for p in img_dir.glob("*.jpg"))
-        mask_frames = sorted(p.stem for p in ann_dir.glob("*.png"))
-        if not frames or not mask_frames:
-            raise FileNotFoundError(f"video {name}: no frames in {img_dir} or no annotations in {ann_dir}")
-        objects_at: dict[str, list[int]] = {}
-        output = None
-        if meta is not None:
-            if name not in meta:
-                raise KeyError(f"{meta_file}: video {name!r} missing")
-            objs = meta[name]["objects"]
-            for oid, o in objs.items():
-                objects_at.setdefault(o["frames"][0], []).append(int(oid))
-            output = sorted({f for o in objs.values() for f in o["frames"]})
-            mask_frames = sorted(objects_at)
-        seqs.append(Sequence(name, frames, img_dir, ann_dir, mask_frames, objects_at, output))
-    return seqs
-
-
-def read_split(root: str | os.PathLike, fmt: str, split: str = "val") -> list[Sequence]:
-    root = Path(root)
+def read_split(root: str | os.PathLike, fmt: str, split: str = "val", resolution: str = "480p") -> list[Sequence]:
+    if fmt not in _MODULES:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "davis":
-        return read_davis(root, split)
-    if fmt == "youtubevos":
-        return read_youtubevos(root, split)
-    if fmt == "mose":
-        seqs = read_youtubevos(root, split, use_meta=False)
-        for s in seqs:
-            s.mask_frames = s.mask_frames[:1]
-        return seqs
-    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        return davis.read(Path(root), split, resolution)
+    return _MODULES[fmt].read(Path(root), split)
 
 
 # ----------------------------------------------------------------------------------------------------- writing
-def write_png(path: Path, ids: np.ndarray, palette: bytes = DAVIS_PALETTE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(ids.astype(np.uint8), mode="P")
-    img.putpalette(palette)
-    img.save(path)
-
-
 def write_csvs(out: Path, split: str, rows: list[dict[str, Any]], summary: dict[str, float]) -> None:
     """The official davis2017-evaluation files (float_format %.3f)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -192,13 +68,6 @@ def write_csvs(out: Path, split: str, rows: list[dict[str, Any]], summary: dict[
             w.writerow((r["Sequence"], *(f"{r[c]:.3f}" for c in cols)))
 
 
-def zip_folder(folder: Path, zip_path: Path) -> Path:
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as z:
-        for p in sorted(folder.rglob("*.png")):
-            z.write(p, p.relative_to(folder.parent))
-    return zip_path
-
-
 def _per_sequence(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for seq in dict.fromkeys(r["sequence"] for r in rows):
@@ -211,59 +80,82 @@ def _per_sequence(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 # -------------------------------------------------------------------------------------------------- inference
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.require(img, requirements=['C', 'W'])).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)
 
 
-def predict_sequence(core, seq: Sequence) -> tuple[dict[str, np.ndarray], float]:
-    """Run the engine over one sequence; returns (frame -> id map for the frames to output, seconds of compute)."""
+def predict_sequence(core, seq: Sequence) -> tuple[dict[str, np.ndarray], float, int]:
+    """Run the engine over one sequence as Cutie's eval_vos does: frames before the first given mask are neither
+    processed nor written; every PNG in `seq.given` is fed with all its labels. Returns (frame -> id map at the
+    output size, for the frames to write; seconds of compute; frames processed)."""
     core.clear_memory()
     preds: dict[str, np.ndarray] = {}
     wanted = set(seq.frames if seq.output_frames is None else seq.output_frames)
-    given = set(seq.mask_frames)
+    given = set(seq.given)
+    first = next((i for i, f in enumerate(seq.frames) if f in given), None)
+    if first is None:
+        raise FileNotFoundError(f"sequence {seq.name}: none of its frames has a given mask in {seq.mask_dir}")
     seconds = 0.0
     last = len(seq.frames) - 1
-    for i, frame in enumerate(seq.frames):
-        image = _to_tensor(seq.image(frame))
-        mask = objects = None
+    for i in range(first, len(seq.frames)):
+        frame = seq.frames[i]
+        raw = seq.image(frame)
+        out_size = seq.output_size(frame, raw)
+        mask = None
         if frame in given:
             mask = seq.mask(frame).astype(np.int64)
-            if mask.shape != image.shape[-2:]:
-                raise ValueError(f"{seq.mask_dir / frame}.png: mask {mask.shape} vs frame {tuple(image.shape[-2:])}")
-            mask[mask == metrics.VOID] = 0
-            objects = seq.objects_at.get(frame)
-            if objects is not None:
-                mask = np.where(np.isin(mask, objects), mask, 0)
+            if mask.shape != raw.shape[:2]:
+                raise ValueError(f"{seq.mask_dir / frame}.png: mask {mask.shape} vs frame {raw.shape[:2]}")
+        image = _to_tensor(raw)
         t = time.perf_counter()
-        prob = core.step(image, mask, objects, end=(i == last))
+        prob = core.step(image, mask, end=(i == last), out_size=out_size)
         ids = core.to_id_map(prob)
         seconds += time.perf_counter() - t
         if frame in wanted:
             preds[frame] = ids
-    return preds, seconds
+    return preds, seconds, len(seq.frames) - first
 
 
 def _score_arrays(name: str, gt: np.ndarray, pred: np.ndarray) -> list[dict[str, Any]]:
     return metrics.object_statistics(name, metrics.evaluate_sequence(gt, pred, name=name))
 
 
-def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val", size: int = 480,
-                     flip: bool = False, out_dir: str | os.PathLike | None = None, max_sequences: int | None = None,
-                     fmt: str = "davis", inference_cfg: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Propagate through every sequence of the split and score it (DAVIS layout with GT). Returns the global numbers
-    (J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay), `per_sequence`, `per_object`, `fps`, `frames`.
-    PNGs and CSVs are written only when out_dir is given."""
-    from model.inference import InferenceConfig, InferenceCore
+def _inference_settings(network: torch.nn.Module, fmt: str, preset: str | None, inference_cfg: Any,
+                        overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from model.inference import InferenceConfig
 
-    seqs = read_split(val_root, fmt, split)
+    if inference_cfg is not None:
+        cfg = InferenceConfig.from_any(inference_cfg, **overrides)
+        import dataclasses
+
+        return cfg, {**dataclasses.asdict(cfg), "preset": None, "resolution": "480p"}
+    name = getattr(getattr(network, "cfg", None), "name", None)
+    preset = preset or presets.default_preset(name)
+    return presets.resolve(preset, fmt, **overrides)
+
+
+def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val",
+                     size: int | None = None, flip: bool | None = None, out_dir: str | os.PathLike | None = None,
+                     max_sequences: int | None = None, fmt: str = "davis", inference_cfg: Any = None,
+                     progress: bool = True, preset: str | None = None, overwrite: bool = False,
+                     overrides: dict[str, Any] | None = None, unseen_videos: Any = None) -> dict[str, Any]:
+    """Propagate through every sequence of the split and score what has ground truth. Returns the global numbers
+    (DAVIS: J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay; LVOS: its toolkit's), `per_sequence`,
+    `per_object`, `fps`, `frames`, `settings`. Predictions and CSVs are written only when out_dir is given
+    (refused when it is not empty, unless overwrite)."""
+    from model.inference import InferenceCore
+
+    over = {"size": size, "flip": flip, **(overrides or {})}
+    icfg, settings = _inference_settings(network, fmt, preset, inference_cfg, over)
+    seqs = read_split(val_root, fmt, split, settings.get("resolution", "480p"))
     if max_sequences:
         seqs = seqs[:max_sequences]
-    if not seqs:
-        raise ValueError(f"no sequences in {val_root} ({fmt}, {split})")
-    cfg = InferenceConfig.from_any(inference_cfg if inference_cfg is not None else getattr(network, "cfg", None),
-                                   size=size, flip=flip)
-    core = InferenceCore(network, cfg)
-    out = Path(out_dir) if out_dir is not None else None
-    pred_root = None if out is None else (out if fmt == "davis" else out / "Annotations")
+    out = prepare_out(Path(out_dir), overwrite) if out_dir is not None else None
+    tmp = None
+    if out is None and fmt == "lvos" and any(s.has_gt for s in seqs):
+        tmp = tempfile.TemporaryDirectory(prefix="s3vos-lvos-")  # LVOS's scorer reads PNG files
+        out = Path(tmp.name)
+    pred_root = None if out is None else out / "Annotations"
+    core = InferenceCore(network, icfg)
     was_training = network.training
     network.eval()
     rows: list[dict[str, Any]] = []
@@ -271,36 +163,47 @@ def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, spli
     seconds = 0.0
     try:
         for seq in tqdm(seqs, desc=f"evaluate {fmt}/{split}", disable=not progress, unit="seq"):
-            preds, s = predict_sequence(core, seq)
+            preds, s, n = predict_sequence(core, seq)
             seconds += s
-            frames += len(seq.frames)
+            frames += n
             if pred_root is not None:
-                palette = DAVIS_PALETTE
-                if fmt != "davis":
-                    first = Image.open(seq.mask_dir / f"{seq.mask_frames[0]}.png")
-                    palette = bytes(first.getpalette() or []) or DAVIS_PALETTE
+                palette = seq.palette()
                 for frame, ids in preds.items():
                     write_png(pred_root / seq.name / f"{frame}.png", ids, palette)
-            if fmt == "davis" and seq.has_gt:
-                gt = np.stack([seq.mask(f) for f in seq.frames])
-                pred = np.stack([preds[f] for f in seq.frames])
+            if fmt != "lvos" and seq.has_gt:
+                missing = [f for f in seq.gt_frames if f not in preds]
+                if missing:
+                    raise RuntimeError(f"sequence {seq.name}: no prediction for scored frame {missing[0]}")
+                gt = np.stack([seq.gt(f) for f in seq.gt_frames])
+                pred = np.stack([preds[f] for f in seq.gt_frames])
                 rows += _score_arrays(seq.name, gt, pred)
+        result: dict[str, Any] = {"fps": frames / seconds if seconds else float("nan"), "frames": frames,
+                                  "sequences": len(seqs), "settings": settings}
+        if rows:
+            summary = metrics.summarize(rows)
+            result.update(summary)
+            result["per_sequence"] = _per_sequence(rows)
+            result["per_object"] = rows
+            if out is not None and tmp is None:
+                write_csvs(out, split, rows, summary)
+        if fmt == "lvos" and any(s.has_gt for s in seqs) and pred_root is not None:
+            scores = lvos.score(pred_root, Path(val_root), split, unseen_videos)
+            result.update(scores)
+            if tmp is None:
+                lvos.write_csv(out, scores, split)
+        if out is not None and tmp is None:
+            hidden = fmt in ("youtubevos", "mose") or (fmt == "davis" and split in davis.HIDDEN_GT_SPLITS) or (
+                fmt == "lvos" and not any(s.has_gt for s in seqs))
+            if hidden and fmt == "lvos":
+                result["zip"] = str(lvos.submission_zip(pred_root, out / "submission.zip", Path(val_root), split))
+            elif hidden:
+                result["zip"] = str(_MODULES[fmt].submission_zip(pred_root, out / "submission.zip"))
+            (out / "summary.json").write_text(json.dumps(
+                {k: v for k, v in result.items() if k not in ("per_object",)}, indent=1, default=str))
     finally:
         network.train(was_training)
-    result: dict[str, Any] = {"fps": frames / seconds if seconds else float("nan"), "frames": frames,
-                              "sequences": len(seqs)}
-    if rows:
-        summary = metrics.summarize(rows)
-        result.update(summary)
-        result["per_sequence"] = _per_sequence(rows)
-        result["per_object"] = rows
-        if out is not None:
-            write_csvs(out, split, rows, summary)
-    if out is not None:
-        if fmt != "davis":
-            result["zip"] = str(zip_folder(pred_root, out / "submission.zip"))
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_object"},
-                                                     indent=1))
+        if tmp is not None:
+            tmp.cleanup()
     return result
 
 
@@ -316,14 +219,32 @@ def _score_folder_seq(args: tuple[str, str, str, list[str]]) -> list[dict[str, A
     return _score_arrays(name, gt, pred)
 
 
+def _check_apart(pred_dir: Path, out_dir: Path | None) -> None:
+    if out_dir is None:
+        return
+    p, o = Path(pred_dir).resolve(), Path(out_dir).resolve()
+    if o == p or p in o.parents:
+        raise ValueError(f"--out {out_dir} is inside the predictions folder {pred_dir}: score files there would be "
+                         "read by the official evaluator as its own results; choose another folder")
+
+
 def score_predictions(pred_dir: str | os.PathLike, val_root: str | os.PathLike, split: str = "val",
                       out_dir: str | os.PathLike | None = None, workers: int | None = None,
-                      progress: bool = True) -> dict[str, Any]:
-    """Score PRED_DIR/<seq>/<frame>.png against a DAVIS-layout ground truth (sequences in parallel)."""
-    seqs = [s for s in read_davis(Path(val_root), split) if s.has_gt]
+                      progress: bool = True, fmt: str = "davis", unseen_videos: Any = None) -> dict[str, Any]:
+    """Score PRED_DIR/<seq>/<frame>.png against a DAVIS-layout (or LVOS) ground truth (sequences in parallel).
+    CSVs go to out_dir, which must not lie inside PRED_DIR."""
+    _check_apart(Path(pred_dir), Path(out_dir) if out_dir is not None else None)
+    if fmt == "lvos":
+        res = lvos.score(Path(pred_dir), Path(val_root), split, unseen_videos)
+        if out_dir is not None:
+            lvos.write_csv(Path(out_dir), res, split)
+        return res
+    if fmt != "davis":
+        raise ValueError(f"--predictions scores DAVIS or LVOS ground truth only, not {fmt!r} (hidden ground truth)")
+    seqs = [s for s in davis.read(Path(val_root), split) if s.has_gt]
     if not seqs:
-        raise ValueError(f"no sequence of {val_root} ({split}) has full ground truth to score against")
-    jobs = [(s.name, str(s.mask_dir), str(Path(pred_dir) / s.name), s.frames) for s in seqs]
+        raise ValueError(f"split {split} of {val_root} has no public ground truth to score against")
+    jobs = [(s.name, str(s.gt_dir), str(Path(pred_dir) / s.name), s.gt_frames) for s in seqs]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
     if workers > 1 and len(jobs) > 1:
@@ -344,8 +265,8 @@ def copy_first_mask_baseline(val_root: str | os.PathLike, out_dir: str | os.Path
     """The floor a trained model must beat: every frame predicted as the first frame's mask (DAVIS layout).
     Writes OUT/predictions/<seq>/<frame>.png and, with score=True, the CSVs in OUT."""
     out = Path(out_dir)
-    for seq in read_davis(Path(val_root), split):
-        first = seq.mask(seq.frames[0]).copy()
+    for seq in davis.read(Path(val_root), split):
+        first = seq.mask(seq.given[0]).copy()
         first[first == metrics.VOID] = 0
         for f in seq.frames:
             write_png(out / "predictions" / seq.name / f"{f}.png", first)
@@ -354,67 +275,87 @@ def copy_first_mask_baseline(val_root: str | os.PathLike, out_dir: str | os.Path
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def load_network(checkpoint: str | os.PathLike, model_config: str | None = None) -> torch.nn.Module:
-    import model
-    from model.config import load_model_config
+    """Our consolidated state dict (config from `model_config` or the `.model.yaml` sidecar), or an official Cutie /
+    S3-release network file (layout detected and renamed, model.convert). A checkpoint holding every weight never
+    needs an ImageNet or Depth-Anything file."""
+    from model.convert import load_network_from_checkpoint
 
-    ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    if model_config is None:
-        sidecar = ckpt.with_suffix(".model.yaml")
-        if not sidecar.is_file():
-            raise FileNotFoundError(f"no --model-config given and no sidecar config {sidecar} next to the checkpoint")
-        model_config = str(sidecar)
-    cfg = load_model_config(model_config, None)
-    network = model.build_network(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{ckpt}: expected a state dict, got {type(state).__name__}")
-    missing, unexpected = network.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    network, info = load_network_from_checkpoint(checkpoint, model_config)
+    log.info("loaded %s (%s layout, model config %s)", checkpoint, info.get("layout"), info.get("model_config"))
     return network.eval()
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: one line, exit code 2."""
+
+
+def _settings_line(settings: dict[str, Any]) -> str:
+    keys = ("preset", "size", "resolution", "flip", "mem_every", "max_mem_frames", "use_long_term",
+            "long_max_mem_frames", "long_min_mem_frames", "num_prototypes", "max_num_tokens", "buffer_tokens",
+            "top_k", "stagger_updates", "pad_to", "amp")
+    return " ".join(f"{k}={settings[k]}" for k in keys if k in settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="consolidated fp32 state dict (.pt)")
+    src.add_argument("--checkpoint", help="our consolidated state dict (.pt), or a Cutie / S3-release network file")
     src.add_argument("--predictions", help="score an existing folder PRED_DIR/<seq>/<frame>.png instead")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--format", default="davis", choices=FORMATS)
     p.add_argument("--split", default="val")
-    p.add_argument("--size", type=int, default=480, help="short side for inference (480; 600/720 improved size)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--model-config", help="model config name or YAML (default: <checkpoint>.model.yaml sidecar)")
-    p.add_argument("--long-term", action="store_true", help="long-term memory with prototype consolidation")
+    p.add_argument("--out", required=True, help="results folder (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="empty a non-empty --out first")
+    p.add_argument("--preset", choices=presets.PRESETS,
+                   help="memory settings per benchmark: cutie (Cutie's eval config) or s3 (the S3 release's); "
+                        "default: s3 for s3 model configs, else cutie")
+    p.add_argument("--size", type=int, help="resize when the short side exceeds this (480; 600/720 = Cutie's plus "
+                                            "settings, DAVIS then reads Full-Resolution); default: the preset's")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal-flip test-time augmentation (default: the preset's)")
+    p.add_argument("--long-term", action=argparse.BooleanOptionalAction, default=None,
+                   help="long-term memory with prototype consolidation (default: the preset's)")
     p.add_argument("--mem-every", type=int)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (default fp32, as Cutie and S3)")
+    p.add_argument("--model-config", help="model config name or YAML (default: <checkpoint>.model.yaml sidecar, "
+                                          "or cutie_base / s3 for official files)")
+    p.add_argument("--unseen-videos", help="LVOS: unseen_videos.txt (default: looked for in the dataset root)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-sequences", type=int)
     p.add_argument("--workers", type=int, help="processes for scoring (--predictions)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for errors")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return _run(a)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, UsageError) as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if a.predictions:
-        if a.format != "davis":
-            p.error("--predictions scores DAVIS-layout ground truth only (--format davis)")
-        res = score_predictions(a.predictions, a.data, a.split, out, a.workers)
+        _check_apart(Path(a.predictions), out)
+        prepare_out(out, a.overwrite)
+        res = score_predictions(a.predictions, a.data, a.split, out, a.workers, fmt=a.format,
+                                unseen_videos=a.unseen_videos)
     else:
+        prepare_out(out, a.overwrite)  # before the (slow) network load
         network = load_network(a.checkpoint, a.model_config).to(a.device)
-        overrides: dict[str, Any] = {"size": a.size, "flip": a.flip}
-        if a.long_term:
-            overrides["use_long_term"] = True
-        if a.mem_every:
-            overrides["mem_every"] = a.mem_every
-        from model.inference import InferenceConfig
-
-        icfg = InferenceConfig.from_any(getattr(network, "cfg", None), **overrides)
-        res = evaluate_network(network, a.data, a.split, a.size, a.flip, out, a.max_sequences, a.format, icfg)
-        print(f"FPS: {res['fps']:.2f} over {res['frames']} frames")
+        overrides: dict[str, Any] = {"use_long_term": a.long_term, "mem_every": a.mem_every,
+                                     "amp": True if a.amp else None}
+        res = evaluate_network(network, a.data, a.split, a.size, a.flip, out, a.max_sequences, a.format,
+                               preset=a.preset, overwrite=True, overrides=overrides, unseen_videos=a.unseen_videos)
+        print(f"settings: {_settings_line(res['settings'])}")
+        print(f"FPS: {res['fps']:.2f} over {res['frames']} frames; predictions in {out / 'Annotations'}"
+              + (f"; submission {res['zip']}" if "zip" in res else ""))
     if "J&F-Mean" in res:
-        print(",".join(metrics.GLOBAL_KEYS))
-        print(",".join(f"{res[k]:.3f}" for k in metrics.GLOBAL_KEYS))
+        keys = [k for k in metrics.GLOBAL_KEYS if k in res]
+        print(",".join(keys))
+        print(",".join(f"{res[k]:.3f}" for k in keys))
     return 0
 
 

@@ -89,7 +89,7 @@ def score(network: torch.nn.Module, cfg, out_dir: Path | None) -> dict[str, Any]
 
     v = cfg.validation
     return evaluate_network(network, v.root, split=v.split, size=v.size, out_dir=out_dir,
-                            max_sequences=v.max_sequences or None)
+                            max_sequences=v.max_sequences or None, overwrite=True)
 
 
 def validate_checkpoint(cfg, model_cfg, ref: checkpoint.CheckpointRef, tracker) -> dict[str, Any]:
@@ -101,7 +101,8 @@ def validate_checkpoint(cfg, model_cfg, ref: checkpoint.CheckpointRef, tracker) 
     config_file = weights.with_suffix(".model.yaml")
     config_file.write_text(json.dumps(_model_cfg_dict(model_cfg), indent=1))
     uri = tracker.log_checkpoint(network, ref.iteration, scores, [str(weights), str(config_file)],
-                                 make_overlays(cfg.validation.root, pred_dir, cfg.validation.overlays))
+                                 make_overlays(cfg.validation.root, pred_dir / "Annotations",
+                                               cfg.validation.overlays))
     record = {"iteration": ref.iteration, "tag": ref.tag, "weights": str(weights), "model_uri": uri, **scores}
     with open(Path(cfg.output_dir) / "validation.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -79,7 +79,7 @@ class SemanticInjection(nn.Module):
 
     def __init__(self, dim: int, heads: int, drop_path: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim)  # eps 1e-5, as the release's read_from_cls
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass
 class InferenceConfig:
-    size: int = 480  # short side the frames are resized to; <= 0 keeps the native size
+    size: int = 480  # short side above which frames are resized down to it (Cutie's rule); <= 0 never resizes
     flip: bool = False  # horizontal-flip test-time augmentation (S3's eval_config: True)
     mem_every: int = 5
     top_k: int = 30
@@ -23,9 +23,9 @@ class InferenceConfig:
     num_prototypes: int = 128
     max_num_tokens: int = 10000
     buffer_tokens: int = 2000
-    pad_to: int = 32  # S3 pads to a multiple of 32 (Cutie: 16)
+    pad_to: int = 16  # centred padding multiple: Cutie 16, S3's release 32 (and never below the network's)
     chunk_size: int = -1  # objects processed together; -1 = all
-    amp: bool = True  # bf16 autocast, only ever on CUDA
+    amp: bool = False  # bf16 autocast, only ever on CUDA (Cutie and S3 evaluate in fp32: `amp: False`)
 
     def __post_init__(self) -> None:
         for name in ("mem_every", "top_k", "stagger_updates", "max_mem_frames", "pad_to"):

@@ -44,7 +44,8 @@ def _png(path: Path, m: np.ndarray, palette: bytes = DAVIS_PALETTE) -> None:
     im.save(path)
 
 
-def make_davis(root: Path, n_seq: int = 2, t: int = 6, h: int = 64, w: int = 96, seed: int = 0) -> Path:
+def make_davis(root: Path, n_seq: int = 2, t: int = 6, h: int = 64, w: int = 96, seed: int = 0,
+               full_resolution: bool = True) -> Path:
     rng = np.random.default_rng(seed)
     names = [f"seq{i}" for i in range(n_seq)]
     for s, name in enumerate(names):
@@ -54,23 +55,36 @@ def make_davis(root: Path, n_seq: int = 2, t: int = 6, h: int = 64, w: int = 96,
             (root / "JPEGImages" / "480p" / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(root / "JPEGImages" / "480p" / name / f"{f}.jpg", quality=95)
             _png(root / "Annotations" / "480p" / name / f"{f}.png", m)
+            if full_resolution:  # DAVIS's Full-Resolution copy (here 2x), read by the 600/720 settings
+                (root / "JPEGImages" / "Full-Resolution" / name).mkdir(parents=True, exist_ok=True)
+                big = np.repeat(np.repeat(img, 2, 0), 2, 1)
+                Image.fromarray(big).save(root / "JPEGImages" / "Full-Resolution" / name / f"{f}.jpg", quality=95)
+                _png(root / "Annotations" / "Full-Resolution" / name / f"{f}.png", np.repeat(np.repeat(m, 2, 0), 2, 1))
     (root / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
     return root
 
 
-def make_youtubevos(root: Path, t: int = 10, h: int = 64, w: int = 96, seed: int = 1) -> Path:
-    """One video, object 1 from frame 0, object 2 appearing at frame 5; annotated (meta) frames every other frame,
-    first-appearance masks only, as in YouTube-VOS valid."""
+def make_youtubevos(root: Path, t: int = 10, h: int = 64, w: int = 96, seed: int = 1, all_frames: bool = True) -> Path:
+    """One video, object 1 from frame 0, object 2 appearing at frame 00025; first-appearance masks only, as in
+    YouTube-VOS valid. valid/JPEGImages holds every 5th frame (00000, 00005, ...); with all_frames, the
+    all_frames/valid_all_frames/JPEGImages release holds every frame, the ones in between included."""
     rng = np.random.default_rng(seed)
     base = root / "valid"
-    images, masks = _video(rng, t, h, w, 2, late={2: 5})
+    n_all = 5 * (t - 1) + 1
+    images, masks = _video(rng, n_all, h, w, 2, late={2: 25})
+    for i, img in enumerate(images):
+        name = f"{i:05d}"
+        if i % 5 == 0:
+            (base / "JPEGImages" / "vid0").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(base / "JPEGImages" / "vid0" / f"{name}.jpg", quality=95)
+        if all_frames:
+            folder = root / "all_frames" / "valid_all_frames" / "JPEGImages" / "vid0"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{name}.jpg", quality=95)
     names = [f"{i * 5:05d}" for i in range(t)]
-    for name, img in zip(names, images, strict=True):
-        (base / "JPEGImages" / "vid0").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(base / "JPEGImages" / "vid0" / f"{name}.jpg", quality=95)
     _png(base / "Annotations" / "vid0" / f"{names[0]}.png", np.where(masks[0] == 1, 1, 0).astype(np.uint8))
-    _png(base / "Annotations" / "vid0" / f"{names[5]}.png", np.where(masks[5] == 2, 2, 0).astype(np.uint8))
+    _png(base / "Annotations" / "vid0" / f"{names[5]}.png", np.where(masks[25] == 2, 2, 0).astype(np.uint8))
     meta = {"videos": {"vid0": {"objects": {
         "1": {"category": "box", "frames": names[0::2]},
         "2": {"category": "box", "frames": [names[5], names[7], names[9]]}}}}}

@@ -128,9 +128,14 @@ def _inference_settings(network: torch.nn.Module, fmt: str, preset: str | None, 
         import dataclasses
 
         return cfg, {**dataclasses.asdict(cfg), "preset": None, "resolution": "480p"}
-    name = getattr(getattr(network, "cfg", None), "name", None)
-    preset = preset or presets.default_preset(name)
-    return presets.resolve(preset, fmt, **overrides)
+    from model.inference.config import _from_cutie_names
+
+    mcfg = getattr(network, "cfg", None)
+    preset = preset or presets.default_preset(getattr(mcfg, "name", None))
+    # a model config's own `inference:` section sits between the preset and the command line
+    section = getattr(mcfg, "inference", None) or {}
+    merged = {**_from_cutie_names(dict(section)), **{k: v for k, v in overrides.items() if v is not None}}
+    return presets.resolve(preset, fmt, **merged)
 
 
 def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val",

@@ -307,3 +307,40 @@ def test_submission_zip_layout_and_missing_frame(tmp_path):
 def test_test_split_is_not_scored(tmp_path):
     with pytest.raises(ValueError, match="hidden"):
         lvos.score(tmp_path, make_test(tmp_path / "data"), "test")
+
+
+# -------------------------------------------------------------------------------------------- through the CLI
+def test_evaluate_cli_runs_lvos_val_and_test(tmp_path, capsys):
+    """training.evaluate on LVOS: val is scored as the toolkit scores it (the CLI's numbers equal lvos.score on the
+    written predictions), CSVs in OUT; test gives a complete submission zip. Settings: Cutie's lvos preset."""
+    import dataclasses
+    import zipfile
+
+    import torch
+
+    import model
+    from model.config import load_model_config
+    from training import evaluate
+
+    torch.manual_seed(0)
+    cfg = load_model_config("tiny", None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(model.build_network(cfg).state_dict(), ckpt)
+    ckpt.with_suffix(".model.yaml").write_text(json.dumps(dataclasses.asdict(cfg)))
+    root = make_test(make_val(tmp_path / "LVOS"))
+    out = tmp_path / "val_out"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root), "--format", "lvos", "--split", "val",
+                          "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "preset=cutie" in printed and "use_long_term=True" in printed  # Cutie's lvos preset
+    assert sorted(p.name for p in (out / "Annotations").iterdir()) == ["vidA", "vidB"]
+    assert len(list((out / "Annotations" / "vidA").glob("*.png"))) == 21
+    again = lvos.score(out / "Annotations", root, "val")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["J&F-Mean"] == pytest.approx(again["J&F-Mean"])
+    assert (out / "global_results-valid.csv").is_file()
+    out_t = tmp_path / "test_out"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root), "--format", "lvos", "--split", "test",
+                          "--out", str(out_t), "--device", "cpu"]) == 0
+    with zipfile.ZipFile(out_t / "submission.zip") as z:
+        assert sorted(z.namelist()) == [f"Annotations/vidT/{i:08d}.png" for i in range(1, 13)]

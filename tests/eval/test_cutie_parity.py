@@ -111,3 +111,27 @@ def test_youtubevos_with_masks_given_mid_video(setup, tmp_path):
     _compare(ours, theirs)
     # the object first given at 00010 is tracked after it
     assert (ours["vid_a"]["00015"] == 3).any() and not (ours["vid_a"]["00005"] == 3).any()
+
+
+def test_davis_plus_settings_read_full_resolution_and_write_480p(setup, tmp_path):
+    """Cutie's eval_plus_config for DAVIS: Full-Resolution frames and first mask, resized to --size 600, output at
+    the 480p size (size_directory), mem_every 3, 10 memory frames. One sequence, Full-Resolution = 2x its 480p."""
+    import shutil
+
+    root = tmp_path / "DAVIS"
+    src = setup["davis"]
+    for kind in ("JPEGImages", "Annotations"):
+        shutil.copytree(src / kind / "480p" / "small", root / kind / "480p" / "small")
+        (root / kind / "Full-Resolution" / "small").mkdir(parents=True)
+        for p in sorted((src / kind / "480p" / "small").iterdir()):
+            im = Image.open(p)
+            big = im.resize((im.width * 2, im.height * 2), Image.BICUBIC if kind == "JPEGImages" else Image.NEAREST)
+            big.save(root / kind / "Full-Resolution" / "small" / p.name, quality=95)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("small\n")
+    theirs = ref.cutie_reference(root / "JPEGImages" / "Full-Resolution", root / "Annotations" / "Full-Resolution",
+                                 setup["net"], setup["cfg"], size=600, size_dir=root / "JPEGImages" / "480p",
+                                 subset=root / "ImageSets" / "2017" / "val.txt", mem_every=3, max_mem_frames=10)
+    ours = _run_cli(setup, tmp_path, ["--size", "600"], data=root)
+    assert theirs["small"]["00003"].shape == (250, 345)
+    _compare(ours, theirs)

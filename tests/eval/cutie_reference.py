@@ -312,7 +312,7 @@ def load_cutie(weights: Path, model: str = "base"):
     cfg.weights = str(weights)
     with _no_imagenet_download():
         network = CUTIE(cfg).eval()
-    network.load_weights(torch.load(weights, map_location="cpu"))
+    network.load_weights(torch.load(weights, map_location="cpu", weights_only=True))
     return network, cfg
 
 

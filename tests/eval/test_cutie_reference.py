@@ -187,7 +187,7 @@ def test_reference_options_run(sharp, davis, davis_ref, tmp_path):
 def test_save_and_load_weights(sharp, tmp_path):
     network, _ = sharp
     path = cr.save_cutie_weights(network, tmp_path / "w" / "cutie.pth")
-    sd = torch.load(path, map_location="cpu")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(sd, dict) and set(sd) == set(network.state_dict())
     loaded, cfg = cr.load_cutie(path)
     for k, v in loaded.state_dict().items():

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
+from model import weights
 from model.layouts import LAYOUTS, OURS, Layout, detect_layout, get_layout
 
-WRAPPER_KEYS = ("weights", "network", "model", "state_dict")  # Cutie's trainer saves {"weights": ..., ...}
 # A consolidated checkpoint holds every weight: build the network without reading any pretrained file.
 OFFLINE_OVERRIDES: dict[str, Any] = {"pixel_encoder": {"init": "random", "weights": None},
                                      "mask_encoder": {"weights": None}}
@@ -74,35 +74,22 @@ class ConversionReport:
 
 # ------------------------------------------------------------------------------------------------ reading
 def unwrap_state_dict(obj: Any, where: str = "<state>") -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: the object itself, or under `weights` / `network` / `model` /
-    `state_dict` (nested wrappers too); a `module.` prefix on every key (DDP) is removed."""
-    state = obj
-    while isinstance(state, Mapping) and not (state and all(torch.is_tensor(v) for v in state.values())):
-        inner = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if inner is None:
-            break
-        state = state[inner]
-    if not isinstance(state, Mapping) or not state:
-        raise ConversionError(f"{where}: expected a non-empty state dict (or one under {list(WRAPPER_KEYS)}), "
-                              f"got {type(state).__name__}")
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        raise ConversionError(f"{where}: entries that are not named tensors: {bad[:5]}")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+    """`model.weights.unwrap_state_dict`, its errors as ConversionError."""
+    try:
+        return weights.unwrap_state_dict(obj, where)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) a checkpoint file and unwrap its state dict."""
+    """`model.weights.read_state_dict` (torch.load with weights_only=True, unwrapped), errors as ConversionError."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise ConversionError(f"{path}: cannot read as a PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    return unwrap_state_dict(obj, str(path))
+        return weights.read_state_dict(path)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------ networks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from model.encoders.vit_backbone import interpolate_pos_embed
 
 log = logging.getLogger(__name__)
 
-WRAPPER_KEYS = ("model", "state_dict", "module")
+WRAPPER_KEYS = ("weights", "network", "model", "state_dict", "module")
 DROPPED_KEYS = ("mask_token",)
 DROPPED_PREFIXES = ("depth_head.",)
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 with block_chunks > 0
@@ -51,8 +52,29 @@ class LoadReport:
         )
 
 
+def unwrap_state_dict(obj, where: str = "<state>") -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint: the object itself, or under `weights` / `network` / `model` /
+    `state_dict` / `module` (nested wrappers too; Cutie's trainer saves {"weights": ...}); a `module.` prefix on
+    every key (DDP) is removed. ValueError naming `where` when no dict of named tensors is found."""
+    state = obj
+    while isinstance(state, Mapping) and not (state and all(torch.is_tensor(v) for v in state.values())):
+        inner = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = state[inner]
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"{where}: expected a non-empty state dict (or one under {list(WRAPPER_KEYS)}), "
+                         f"got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{where}: entries that are not named tensors: {bad[:5]}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load(weights_only=True) a checkpoint and unwrap `model` / `state_dict` / `module` wrappers."""
+    """torch.load(weights_only=True) a checkpoint and unwrap it (`unwrap_state_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -63,17 +85,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
         raise ValueError(f"{path}: cannot read as a PyTorch state dict ({err})") from err
-    while isinstance(state, dict):
-        wrapper = [k for k in WRAPPER_KEYS if k in state and isinstance(state[k], dict)]
-        if not wrapper or any(torch.is_tensor(v) for v in state.values()):
-            break
-        state = state[wrapper[0]]
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"{path}: expected a non-empty state dict, got {type(state).__name__}")
-    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
-    if not_tensors:
-        raise ValueError(f"{path}: entries that are not tensors: {not_tensors[:10]}")
-    return state
+    return unwrap_state_dict(state, str(path))
 
 
 def find_vit(network_or_vit: nn.Module) -> VisionTransformer:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from training import metrics
 from training.formats import davis, lvos, mose, presets, youtubevos
-from training.formats.base import DAVIS_PALETTE, Sequence, prepare_out, read_mask, write_png
+from training.formats.base import DAVIS_PALETTE, Sequence, check_apart, prepare_out, read_mask, write_png
 
 log = logging.getLogger(__name__)
 FORMATS = presets.FORMATS
@@ -125,8 +126,6 @@ def _inference_settings(network: torch.nn.Module, fmt: str, preset: str | None, 
 
     if inference_cfg is not None:
         cfg = InferenceConfig.from_any(inference_cfg, **overrides)
-        import dataclasses
-
         return cfg, {**dataclasses.asdict(cfg), "preset": None, "resolution": "480p"}
     from model.inference.config import _from_cutie_names
 
@@ -224,21 +223,12 @@ def _score_folder_seq(args: tuple[str, str, str, list[str]]) -> list[dict[str, A
     return _score_arrays(name, gt, pred)
 
 
-def _check_apart(pred_dir: Path, out_dir: Path | None) -> None:
-    if out_dir is None:
-        return
-    p, o = Path(pred_dir).resolve(), Path(out_dir).resolve()
-    if o == p or p in o.parents:
-        raise ValueError(f"--out {out_dir} is inside the predictions folder {pred_dir}: score files there would be "
-                         "read by the official evaluator as its own results; choose another folder")
-
-
 def score_predictions(pred_dir: str | os.PathLike, val_root: str | os.PathLike, split: str = "val",
                       out_dir: str | os.PathLike | None = None, workers: int | None = None,
                       progress: bool = True, fmt: str = "davis", unseen_videos: Any = None) -> dict[str, Any]:
     """Score PRED_DIR/<seq>/<frame>.png against a DAVIS-layout (or LVOS) ground truth (sequences in parallel).
     CSVs go to out_dir, which must not lie inside PRED_DIR."""
-    _check_apart(Path(pred_dir), Path(out_dir) if out_dir is not None else None)
+    check_apart(Path(pred_dir), Path(out_dir) if out_dir is not None else None)
     if fmt == "lvos":
         res = lvos.score(Path(pred_dir), Path(val_root), split, unseen_videos)
         if out_dir is not None:
@@ -290,10 +280,6 @@ def load_network(checkpoint: str | os.PathLike, model_config: str | None = None)
     return network.eval()
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its inputs: one line, exit code 2."""
-
-
 def _settings_line(settings: dict[str, Any]) -> str:
     keys = ("preset", "size", "resolution", "flip", "mem_every", "max_mem_frames", "use_long_term",
             "long_max_mem_frames", "long_min_mem_frames", "num_prototypes", "max_num_tokens", "buffer_tokens",
@@ -333,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return _run(a)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, UsageError) as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as e:
         if a.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -343,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if a.predictions:
-        _check_apart(Path(a.predictions), out)
+        check_apart(Path(a.predictions), out)
         prepare_out(out, a.overwrite)
         res = score_predictions(a.predictions, a.data, a.split, out, a.workers, fmt=a.format,
                                 unseen_videos=a.unseen_videos)

@@ -67,11 +67,6 @@ class InferenceCore:
         self.last_prob: torch.Tensor | None = None  # (B, N, Hp, Wp) foreground probabilities of the last frame
 
     # ------------------------------------------------------------------------------------------------ geometry
-    def working_size(self, h: int, w: int, out_size: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Cutie's VideoReader rule: resize when the output size differs from the input, or when the short side
-        exceeds `size` (strictly; never upscale otherwise); short side -> size, long side truncated."""
-        return working_size(h, w, self.cfg.size, out_size)
-
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         return pad_centered(x, self.pad_to)
 
@@ -104,7 +99,7 @@ class InferenceCore:
         self.curr_ti += 1
         h, w = image.shape[-2:]
         oh, ow = (h, w) if out_size is None else (int(out_size[0]), int(out_size[1]))
-        wh, ww = self.working_size(h, w, (oh, ow))
+        wh, ww = working_size(h, w, self.cfg.size, (oh, ow))
         img = image.to(dev, torch.float32)
         if (wh, ww) != (h, w):
             img = F.interpolate(img[None], size=(wh, ww), mode="bilinear", align_corners=False, antialias=True)[0]

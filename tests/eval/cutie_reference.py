@@ -191,7 +191,7 @@ def youtubevos_ground_truth(yt_root: Path) -> dict[str, dict[str, np.ndarray]]:
 
 # ---------------------------------------------------------------------------------------------------- network
 @contextlib.contextmanager
-def _no_imagenet_download() -> Iterator[None]:
+def no_imagenet_download() -> Iterator[None]:
     """Build rf-cutie's ResNets without their ImageNet weights (no network access; weights are random anyway)."""
     from cutie.model import big_modules
 
@@ -275,7 +275,7 @@ def make_sharp_cutie(seed: int = 0, *, gain: float = SHARPEN_GAIN, bias: float =
     cfg.use_long_term = False
     cfg.mem_every = 5
     torch.manual_seed(seed)
-    with _no_imagenet_download():
+    with no_imagenet_download():
         network = CUTIE(cfg).eval()
     rng = np.random.default_rng(10_000 + seed)
     clips = [(*_video(rng, h, w, t, first), first)
@@ -310,7 +310,7 @@ def load_cutie(weights: Path, model: str = "base"):
 
     cfg = cutie_eval_config(model)
     cfg.weights = str(weights)
-    with _no_imagenet_download():
+    with no_imagenet_download():
         network = CUTIE(cfg).eval()
     network.load_weights(torch.load(weights, map_location="cpu", weights_only=True))
     return network, cfg

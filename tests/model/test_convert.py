@@ -31,29 +31,22 @@ from model.convert import (
 from model.layouts import LAYOUTS, detect_layout
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASE_TSV = Path("/work/shared/data/s3_release_state_keys.tsv")
+# the S3 release's 705 state-dict names and shapes (shared/data of the project, copied here so CI has it)
+RELEASE_TSV = Path(__file__).resolve().parent / "data" / "s3_release_state_keys.tsv"
 INV_FREQ = {"object_transformer.spatial_pe.inv_freq", "object_summarizer.pos_enc.inv_freq"}
 UNUSED = {"cutie": INV_FREQ, "s3-release": INV_FREQ | {"pixel_encoder.vit_module.mask_token"}}
 TOL = 1e-5
 
 
 def rf_cutie_base():
-    """Cutie-base from the rf-cutie package with random weights, offline (as benchmarks/bench_eval.py)."""
+    """Cutie-base from the rf-cutie package with random weights, offline (the oracle module's builders)."""
     pytest.importorskip("cutie")
-    from cutie.model import big_modules
-    from cutie.model.utils import resnet as cres
-    from omegaconf import OmegaConf
-
-    cfg_dir = Path(big_modules.__file__).resolve().parents[1] / "config"
-    cfg = OmegaConf.load(cfg_dir / "eval_config.yaml")
-    cfg.pop("defaults", None)
-    cfg.model = OmegaConf.load(cfg_dir / "model" / "base.yaml")
-    r18, r50 = cres.resnet18, cres.resnet50
-    big_modules.resnet.resnet18 = lambda pretrained=True, **k: r18(False, **k)
-    big_modules.resnet.resnet50 = lambda pretrained=True, **k: r50(False, **k)
     from cutie.model.cutie import CUTIE
 
-    return CUTIE(cfg).eval()
+    from tests.eval import cutie_reference as cr
+
+    with cr.no_imagenet_download():
+        return CUTIE(cr.cutie_eval_config()).eval()
 
 
 def random_state(specs, seed: int) -> dict[str, torch.Tensor]:
@@ -69,8 +62,6 @@ def random_state(specs, seed: int) -> dict[str, torch.Tensor]:
 
 
 def release_specs() -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    if not RELEASE_TSV.is_file():
-        pytest.skip(f"{RELEASE_TSV} not available")
     specs = []
     for line in RELEASE_TSV.read_text().splitlines():
         name, shape = line.split("\t")

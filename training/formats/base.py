@@ -15,23 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipeline.synth import PALETTE
 
-def davis_palette() -> bytes:
-    """The PASCAL-VOC / DAVIS colour map (256 entries, bit-interleaved)."""
-    out = bytearray()
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out += bytes((r, g, b))
-    return bytes(out)
-
-
-DAVIS_PALETTE = davis_palette()
+DAVIS_PALETTE = bytes(PALETTE)  # the PASCAL-VOC / DAVIS colour map, 256 entries
 VOID = 255
 
 
@@ -145,6 +131,17 @@ def zip_video_folders(pred_root: Path, zip_path: Path) -> Path:
         for p in sorted(pred_root.rglob("*.png")):
             z.write(p, p.relative_to(pred_root))
     return zip_path
+
+
+def check_apart(pred_dir: Path, out_dir: Path | None) -> None:
+    """Refuse score files inside the predictions folder: the official evaluators read such files back as their
+    own results (davis2017's global_results-*.csv, LVOS's "Using precomputed results")."""
+    if out_dir is None:
+        return
+    p, o = Path(pred_dir).resolve(), Path(out_dir).resolve()
+    if o == p or p in o.parents:
+        raise ValueError(f"--out {out_dir} is inside the predictions folder {pred_dir}: the official evaluator "
+                         "reads score files in a prediction folder as its own results; choose another folder")
 
 
 def prepare_out(out: Path, overwrite: bool) -> Path:

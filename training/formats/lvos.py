@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.formats.base import Sequence, frame_stems, read_mask, zip_annotations
+from training.formats.base import Sequence, check_apart, frame_stems, read_mask, zip_annotations
 from training.metrics import bound_pixels, db_eval_boundary, db_eval_iou
 
 SPLIT_DIRS = {"val": ("valid", "val"), "test": ("test",)}
@@ -400,9 +400,8 @@ def write_csv(out: Path, result: dict[str, Any], split: str = "val") -> tuple[Pa
     (set `valid`; columns as there, float_format %.3f, NaN empty), into OUT. Never into the prediction folder: the
     toolkit would later read those CSVs back instead of scoring ("Using precomputed results")."""
     out = Path(out).resolve()
-    pred = Path(result.get("pred_dir", "")).resolve() if result.get("pred_dir") else None
-    if pred is not None and (out == pred or pred in out.parents):
-        raise ValueError(f"write_csv: {out} is inside the prediction folder {pred}; write the CSVs elsewhere")
+    if result.get("pred_dir"):
+        check_apart(Path(result["pred_dir"]), out)
     name = {"val": "valid"}.get(_split_name(split), split)
     out.mkdir(parents=True, exist_ok=True)
     g_path, s_path = out / f"global_results-{name}.csv", out / f"per-sequence_results-{name}.csv"

@@ -140,7 +140,8 @@ def fps_ours(name: str, imgs, mask, device, flip: bool) -> float:
     from model.inference import InferenceConfig, InferenceCore
 
     torch.manual_seed(0)
-    random_init = {"pixel_encoder": {"init": "random", "weights": None}}  # random weights, like the peer's
+    # random weights, like the peer's
+    random_init = {"pixel_encoder": {"init": "random", "weights": None}, "mask_encoder": {"weights": None}}
     net = model.build_network(load_model_config(name, random_init)).to(device).eval()
     core = InferenceCore(net, InferenceConfig(size=480, flip=flip))
     return _run(lambda im, m: core.step(im, m), imgs, mask, device)

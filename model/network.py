@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.encoders import build_pixel_encoder
+from model.encoders import PIXEL_ENCODER_FILES, build_pixel_encoder, check_weights_file
 from model.modules import (
     KeyProjection,
     MaskDecoder,
@@ -52,6 +52,10 @@ class S3Network(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if cfg.mask_encoder.weights:  # checked before anything is built (the ViT takes a while)
+            check_weights_file("mask_encoder.weights", cfg.mask_encoder.weights,
+                               PIXEL_ENCODER_FILES[cfg.mask_encoder.type],
+                               "set mask_encoder.weights=null for a random init")
         self.key_dim, self.value_dim = cfg.key_dim, cfg.value_dim
         self.sensory_dim, self.pixel_dim, self.embed_dim = cfg.sensory_dim, cfg.pixel_dim, cfg.embed_dim
         self.pad_to = cfg.pad_to

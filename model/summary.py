@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-RANDOM_ENCODER = {"pixel_encoder": {"init": "random", "weights": None}}
+# random initialisation of both encoders: no pretrained file is read (tests, benchmarks, summaries)
+RANDOM_ENCODER = {"pixel_encoder": {"init": "random", "weights": None}, "mask_encoder": {"weights": None}}
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:

@@ -5,6 +5,10 @@
     out["total_loss"].backward()
 
 1. All frames are encoded at once; keys, shrinkage and selection in fp32.
+   Precision: run it inside `training.optim.forward_context(cfg, device)` (torch.autocast bf16 on fp32
+   parameters); inputs stay fp32 (`dtype` below is the parameters' dtype). The fp32 islands: key projection,
+   memory affinity and readout, the deformable sampling, the GRUs, the aggregation of the logits and the losses
+   (all logits are cast to fp32 before sigmoid / soft aggregation / CE / Dice).
 2. Frame 0 is encoded with its ground truth (mask values, sensory memory, object summaries).
 3. Frames 1..T-1: the memory read uses all previous frames while ti <= num_ref_frames, then num_ref_frames random
    previous frames per sample (`torch.randperm`); the object memory always sums all previous frames. The
@@ -86,9 +90,7 @@ class ClipTrainer(nn.Module):
         n_obj = first_gt.shape[1]
 
         ms_flat, pix_flat = net.encode_image(frames.flatten(0, 1))
-        with torch.autocast(device_type=frames.device.type, enabled=False):
-            key_dtype = net.key_proj.key_proj.weight.dtype
-            keys, shrinkages, selections = net.transform_key(ms_flat[0].to(key_dtype))
+        keys, shrinkages, selections = net.transform_key(ms_flat[0])  # fp32 (KeyProjection leaves autocast)
         gh, gw = keys.shape[-2:]
 
         def per_time(x: torch.Tensor) -> torch.Tensor:  # (B·T, C, h, w) -> (B, C, T, h, w)

@@ -222,7 +222,8 @@ def load_network(config: str, weights: str | None) -> nn.Module:
 
     if weights is None:
         return build_network(load_model_config(config, None))
-    network = build_network(load_model_config(config, {"pixel_encoder": {"init": "random", "weights": None}}))
+    network = build_network(load_model_config(config, {"pixel_encoder": {"init": "random", "weights": None},
+                                                     "mask_encoder": {"weights": None}}))
     state = {k.removeprefix("module."): v for k, v in read_state_dict(weights).items()}
     own = network.state_dict()
     if sum(k in own for k in state) > len(own) // 2:  # a checkpoint of this network

@@ -9,15 +9,27 @@ and keep the 37×37 `pos_embed` as it is (it is interpolated at run time).
 Every ViT parameter must be present: a missing key raises instead of leaving random weights behind.
 Unexpected keys raise too unless the caller allows them; either way the report lists them.
 No download ever happens here; a missing file raises FileNotFoundError naming it.
+
+`init_from_checkpoint` / `format_init_report` (the training config's `model.init_from=FILE`): start training from
+a Cutie, S3-release or our checkpoint, loading every tensor whose name and shape match. FILE is a Cutie checkpoint,
+an S3-release checkpoint or one of ours (a consolidated state dict, plain or under `weights` / `network` / `model`
+/ `state_dict` / `module`). The layout is told from the names (`model.layouts.detect_layout`) and the official
+names are renamed to ours with the layout's table; the layout's known-unused keys (e.g. DINOv2's `mask_token`)
+are reported as unused. Unlike `model.convert`, nothing has to match completely: a Cutie-base file initialises
+the memory network of an S3 network (its ResNet-50 pixel encoder finds no counterpart), and a network with
+another object-transformer size keeps its own init there (reported as skipped shapes). It refuses (naming the
+file) when the file is absent, unreadable, of no known layout, or when not a single tensor matches.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from model.encoders.vit_backbone import interpolate_pos_embed
+from model.layouts import OURS, detect_layout, get_layout
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +201,84 @@ def load_backbone_weights(
     return load_backbone_state_dict(
         network_or_vit, state, source=str(path), allow_unexpected=allow_unexpected
     )
+
+
+# ------------------------------------------------------------------------------------------------ init_from
+def init_from_checkpoint(network: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load every tensor of `path` whose (renamed) name and shape match `network`'s state dict, in place.
+
+    Returns {"path", "layout", "loaded": [our keys], "skipped_shape": [(our key, file shape, network shape)],
+    "missing": [network keys not loaded and not shape-skipped], "unused": [file keys (as in the file) with no
+    counterpart]}. Floating tensors are cast to the network's dtype. Raises FileNotFoundError / ValueError naming
+    the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: checkpoint {path} not found")
+    try:
+        state = read_state_dict(path)
+        layout = detect_layout(state)
+    except ValueError as err:
+        raise ValueError(f"model.init_from: {path}: {err}") from err
+    rename, known_unused = (lambda k: k), ()
+    if layout != OURS:
+        lay = get_layout(layout)
+        rename, known_unused = lay.to_ours, lay.unused
+
+    own = network.state_dict()
+    to_load: dict[str, torch.Tensor] = {}
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    unused: list[str] = []
+    for key, tensor in state.items():
+        ours = None if key in known_unused else rename(key)
+        target = own.get(ours) if ours is not None else None
+        if target is None or ours in to_load:
+            unused.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(target.shape):
+            skipped.append((ours, tuple(tensor.shape), tuple(target.shape)))
+            continue
+        if tensor.dtype != target.dtype:
+            if not (tensor.is_floating_point() and target.is_floating_point()):
+                skipped.append((ours, tuple(tensor.shape), tuple(target.shape)))
+                continue
+            tensor = tensor.to(target.dtype)
+        to_load[ours] = tensor
+    if not to_load:
+        raise ValueError(f"model.init_from: {path} ({layout} layout, {len(state)} tensors): not one tensor matches "
+                         f"the network's names and shapes (first keys: {list(state)[:3]}); wrong file or model?")
+    result = network.load_state_dict(to_load, strict=False)
+    if result.unexpected_keys:  # cannot happen: every key was taken from the network's own state dict
+        raise RuntimeError(f"model.init_from: unexpected keys {result.unexpected_keys[:5]}")
+    shape_keys = {k for k, _, _ in skipped}
+    missing = [k for k in own if k not in to_load and k not in shape_keys]
+    return {"path": str(path), "layout": layout, "loaded": sorted(to_load), "skipped_shape": skipped,
+            "missing": missing, "unused": unused, "total": len(own)}
+
+
+def _top(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def format_init_report(report: dict[str, Any]) -> str:
+    """One paragraph: per top-level module of the network, loaded/total tensors, with the shape-skipped and
+    missing counts; then the checkpoint keys left unused and the first shape mismatches."""
+    per: OrderedDict[str, list[int]] = OrderedDict()  # module -> [loaded, shape, missing]
+    for key in report["loaded"]:
+        per.setdefault(_top(key), [0, 0, 0])[0] += 1
+    for key, _, _ in report["skipped_shape"]:
+        per.setdefault(_top(key), [0, 0, 0])[1] += 1
+    for key in report["missing"]:
+        per.setdefault(_top(key), [0, 0, 0])[2] += 1
+    parts = []
+    for name, (loaded, shape, missing) in per.items():
+        notes = [f"{shape} shape" for _ in [0] if shape] + [f"{missing} missing" for _ in [0] if missing]
+        parts.append(f"{name} {loaded}/{loaded + shape + missing}" + (f" ({', '.join(notes)})" if notes else ""))
+    total = len(report["loaded"]) + len(report["skipped_shape"]) + len(report["missing"])
+    text = (f"init_from {report['path']} ({report['layout']} layout): loaded {len(report['loaded'])}/{total} "
+            f"network tensors: {', '.join(parts)}; {len(report['unused'])} checkpoint tensors unused")
+    if report["unused"]:
+        text += f" (e.g. {', '.join(report['unused'][:3])})"
+    if report["skipped_shape"]:
+        examples = "; ".join(f"{k} file {list(a)} vs network {list(b)}" for k, a, b in report["skipped_shape"][:3])
+        text += f"; shape mismatches kept their init, e.g. {examples}"
+    return text + "."

@@ -9,6 +9,8 @@ purge. DeepSpeed's own `latest` file is written too but not trusted: it is updat
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -108,6 +110,7 @@ def save(engine, ckpt_dir: str | os.PathLike, iteration: int, client_state: dict
         tmp = ref.path / (MARKER + ".tmp")
         tmp.write_text(json.dumps({"iteration": iteration, "tag": tag,
                                    "config_hash": client_state.get("config_hash"),
+                                   "config": client_state.get("config"),  # a resume diffs against it
                                    "mlflow_run_id": client_state.get("mlflow_run_id"),
                                    "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
         os.replace(tmp, ref.path / MARKER)
@@ -155,6 +158,10 @@ class _TorchWithSafeLoad:
         return getattr(torch, name)
 
 
+def _no_bar(iterable, *args: Any, **kwargs: Any):
+    return iterable
+
+
 def load(engine, ref: CheckpointRef) -> dict[str, Any]:
     """Collective load of `ref` into `engine`; returns the client state saved with it.
 
@@ -187,11 +194,16 @@ def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
     if zero_files:
         from deepspeed.utils import zero_to_fp32
 
-        real_torch, zero_to_fp32.torch = zero_to_fp32.torch, _TorchWithSafeLoad()
+        # Quiet: zero_to_fp32 prints a dozen lines and progress bars per consolidation (kept at DEBUG level).
+        real = zero_to_fp32.torch, zero_to_fp32.tqdm
+        zero_to_fp32.torch, zero_to_fp32.tqdm = _TorchWithSafeLoad(), _no_bar
+        printed = io.StringIO()
         try:
-            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ref.dir), tag=ref.tag)
+            with contextlib.redirect_stdout(printed):
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ref.dir), tag=ref.tag)
         finally:
-            zero_to_fp32.torch = real_torch
+            zero_to_fp32.torch, zero_to_fp32.tqdm = real
+            log.debug("zero_to_fp32 on %s:\n%s", ref.path, printed.getvalue())
         # zero_to_fp32 leaves out frozen parameters for ZeRO-1: they were never updated, so the module's
         # own copy in the model-states file is exact (under ZeRO-3 those copies are empty placeholders).
         model_file = ref.path / "mp_rank_00_model_states.pt"  # stages 1-2 (stage 3 stores per-rank files)
@@ -210,6 +222,41 @@ def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
     torch.save(state, tmp)
     os.replace(tmp, out)
     return out
+
+
+def purge_weights(weights_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Keep the newest `keep` consolidated weight files `weights_dir/iter_*.pt` (and their `.model.yaml`
+    sidecars); delete older ones, orphaned sidecars and leftovers of an interrupted consolidation (`*.raw.pt`,
+    `*.tmp`). Call it between validations (rank 0): nothing may be consolidating into `weights_dir` meanwhile.
+
+    A logged-model upload still in flight is not affected: the tracker stages its files as hard links of its own
+    (training.tracking), so deleting the file here frees the space only once the upload is done.
+    Returns the removed paths.
+    """
+    root = Path(weights_dir)
+    if not root.is_dir():
+        return []
+    weights: dict[str, Path] = {}
+    leftovers: list[Path] = []
+    for p in root.iterdir():
+        if not p.is_file():
+            continue
+        if p.name.endswith((".raw.pt", ".tmp")):
+            leftovers.append(p)
+        elif p.suffix == ".pt" and _TAG.match(p.stem):
+            weights[p.stem] = p
+    ordered = sorted(weights, key=lambda tag: int(_TAG.match(tag).group(1)))
+    kept = set(ordered[-keep:]) if keep > 0 else set()
+    removed = [weights[tag] for tag in ordered if tag not in kept] + leftovers
+    for p in root.glob("iter_*.model.yaml"):  # sidecars of removed (or never finished) weight files
+        if p.name[: -len(".model.yaml")] not in kept:
+            removed.append(p)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    if removed:
+        log.info("removed %d consolidated weight files from %s (keeping %s)", len(removed), root,
+                 ", ".join(sorted(kept)) or "none")
+    return removed
 
 
 def load_weights(network: torch.nn.Module, weights_file: str | os.PathLike) -> None:

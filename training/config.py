@@ -29,10 +29,21 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
+# Keys that say where and how a run is kept, not what it trains: a resume may change them without
+# --allow-config-change, and they are left out of TrainConfig.hash().
+OPERATIONAL_KEYS = ("output_dir", "train.stop_after", "checkpoint.dir", "checkpoint.load_universal",
+                    "checkpoint.keep_last", "checkpoint.keep_weights", "checkpoint.every",
+                    "validation.time_limit_minutes", "validation.overlays", "tracking.tracking_uri",
+                    "tracking.log_every", "tracking.system_metrics", "tracking.system_metrics_interval",
+                    "tracking.upload_retries", "tracking.run_name")
+
+
 @dataclass
 class ModelSection:
     name: str = "s3"  # a YAML in model/configs/ or a path to one
     overrides: dict[str, Any] = field(default_factory=dict)  # passed to model.config.load_model_config
+    init_from: str = ""  # a converted Cutie/S3 checkpoint: matching modules are loaded before training (reported)
+    sync_batchnorm: bool = True  # BatchNorm statistics over all ranks when the world size is above 1 (as the release)
 
 
 @dataclass
@@ -80,6 +91,7 @@ class CheckpointSection:
     keep_last: int = 3
     dir: str = ""  # default OUTPUT/checkpoints
     load_universal: bool = False  # resume a universal checkpoint (cluster/deepspeed/to_universal.sh): any world size
+    keep_weights: int = 3  # consolidated OUTPUT/weights/iter_*.pt kept on disk (the MLflow models keep their own)
 
 
 @dataclass
@@ -91,6 +103,7 @@ class ValidationSection:
     max_sequences: int = 0  # 0 = all
     overlays: int = 4  # mask overlays of this many validation frames logged as images
     at_end: bool = True
+    time_limit_minutes: float = 60.0  # a validation past this warns and is skipped (the job goes on); 0 = no limit
 
 
 @dataclass
@@ -101,6 +114,7 @@ class TrackingSection:
     log_every: int = 50
     system_metrics: bool = True
     system_metrics_interval: float = 10.0
+    upload_retries: int = 3  # logged-model uploads (off the training path) retried this often before giving up
 
 
 @dataclass
@@ -121,11 +135,9 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Hash of everything that defines the run (not where it stops early): resumes check it."""
-        d = self.to_dict()
-        d["train"] = {k: v for k, v in d["train"].items() if k != "stop_after"}
-        d["checkpoint"] = {k: v for k, v in d["checkpoint"].items() if k not in ("dir", "load_universal")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that defines what the run trains (not OPERATIONAL_KEYS): resumes check it."""
+        d = {k: v for k, v in self.flat().items() if k not in OPERATIONAL_KEYS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
         return flatten(self.to_dict())
@@ -284,12 +296,15 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
     for key, val in (("train.iterations", t.iterations), ("train.global_batch", t.global_batch),
                      ("train.max_micro_batch", t.max_micro_batch), ("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row),
                      ("checkpoint.every", c.every), ("checkpoint.keep_last", c.keep_last),
+                     ("checkpoint.keep_weights", c.keep_weights),
                      ("tracking.log_every", cfg.tracking.log_every), ("data.num_frames", d.num_frames),
                      ("data.num_objects", d.num_objects), ("data.crop_size", d.crop_size)):
         if val <= 0:
             raise ConfigError(key, f"must be positive, got {val}")
     for key, val in (("train.micro_batch", t.micro_batch), ("train.stop_after", t.stop_after),
-                     ("validation.every", v.every), ("data.num_workers", d.num_workers)):
+                     ("validation.every", v.every), ("data.num_workers", d.num_workers),
+                     ("validation.time_limit_minutes", v.time_limit_minutes),
+                     ("tracking.upload_retries", cfg.tracking.upload_retries)):
         if val < 0:
             raise ConfigError(key, f"must be >= 0, got {val}")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -309,6 +324,14 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError("data.shards", "must point at the folder written by data_pipeline.shard")
         if not Path(d.shards).is_dir():
             raise ConfigError("data.shards", f"folder not found: {d.shards}")
+        for skip in sorted(set(d.max_skip)):  # the loader's level folders (data_pipeline.loader.level_name)
+            level = Path(d.shards) / f"skip{skip:02d}"
+            if not level.is_dir() or not any(level.glob("*.tar")):
+                what = "is missing" if not level.is_dir() else "holds no .tar shard"
+                raise ConfigError("data.shards", f"{level} {what} (data.max_skip has {skip}); write the shards "
+                                  "with `python -m data_pipeline.shard` first")
+        if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+            raise ConfigError("model.init_from", f"file not found: {cfg.model.init_from}")
         if v.every and not v.root:
             raise ConfigError("validation.root", "must be set when validation.every > 0 (or set validation.every=0)")
         if v.every and not Path(v.root).is_dir():

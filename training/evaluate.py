@@ -41,8 +41,9 @@ from training.formats.base import DAVIS_PALETTE, Sequence, check_apart, prepare_
 log = logging.getLogger(__name__)
 FORMATS = presets.FORMATS
 _MODULES = {"davis": davis, "youtubevos": youtubevos, "mose": mose, "lvos": lvos}
-__all__ = ["DAVIS_PALETTE", "FORMATS", "Sequence", "evaluate_network", "load_network", "main", "read_mask",
-           "read_split", "score_predictions", "write_png"]
+__all__ = ["DAVIS_PALETTE", "FORMATS", "Sequence", "SequenceResult", "evaluate_network", "load_network", "main",
+           "plan_evaluation", "read_mask", "read_split", "run_sequences", "score_predictions", "summarise",
+           "write_png", "write_results"]
 
 
 def read_split(root: str | os.PathLike, fmt: str, split: str = "val", resolution: str = "480p") -> list[Sequence]:
@@ -137,39 +138,53 @@ def _inference_settings(network: torch.nn.Module, fmt: str, preset: str | None, 
     return presets.resolve(preset, fmt, **merged)
 
 
-def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val",
-                     size: int | None = None, flip: bool | None = None, out_dir: str | os.PathLike | None = None,
-                     max_sequences: int | None = None, fmt: str = "davis", inference_cfg: Any = None,
-                     progress: bool = True, preset: str | None = None, overwrite: bool = False,
-                     overrides: dict[str, Any] | None = None, unseen_videos: Any = None) -> dict[str, Any]:
-    """Propagate through every sequence of the split and score what has ground truth. Returns the global numbers
-    (DAVIS: J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay; LVOS: its toolkit's), `per_sequence`,
-    `per_object`, `fps`, `frames`, `settings`. Predictions and CSVs are written only when out_dir is given
-    (refused when it is not empty, unless overwrite)."""
-    from model.inference import InferenceCore
+@dataclasses.dataclass
+class SequenceResult:
+    """What running one sequence gives: its position in the split, its per-object rows (empty without ground truth
+    or for LVOS, scored from the PNGs), frames processed and seconds of compute. Picklable: ranks gather these."""
 
+    index: int
+    name: str
+    rows: list[dict[str, Any]]
+    frames: int
+    seconds: float
+
+
+def plan_evaluation(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val",
+                    size: int | None = None, flip: bool | None = None, max_sequences: int | None = None,
+                    fmt: str = "davis", inference_cfg: Any = None, preset: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], list[Sequence]]:
+    """The inference settings (preset < model config's `inference:` < overrides; fp32 unless they say amp) and the
+    sequences of the split, in split order: (InferenceConfig, settings dict, sequences)."""
     over = {"size": size, "flip": flip, **(overrides or {})}
     icfg, settings = _inference_settings(network, fmt, preset, inference_cfg, over)
     seqs = read_split(val_root, fmt, split, settings.get("resolution", "480p"))
     if max_sequences:
         seqs = seqs[:max_sequences]
-    out = prepare_out(Path(out_dir), overwrite) if out_dir is not None else None
-    tmp = None
-    if out is None and fmt == "lvos" and any(s.has_gt for s in seqs):
-        tmp = tempfile.TemporaryDirectory(prefix="s3vos-lvos-")  # LVOS's scorer reads PNG files
-        out = Path(tmp.name)
-    pred_root = None if out is None else out / "Annotations"
+    return icfg, settings, seqs
+
+
+def run_sequences(network: torch.nn.Module, icfg: Any, seqs: list[Sequence], indices: list[int] | None = None,
+                  pred_root: Path | None = None, fmt: str = "davis", progress: bool = True, desc: str = "evaluate",
+                  deadline: float | None = None) -> tuple[list[SequenceResult], bool]:
+    """Run the engine over `seqs[i]` for i in `indices` (default: all, in order), write their PNGs under pred_root
+    and score those with ground truth (not LVOS: its toolkit scores the PNGs). Before each sequence the clock
+    (time.monotonic) is checked against `deadline`: once past it, no new sequence starts. Returns (the results of
+    the sequences run, whether all of them were)."""
+    from model.inference import InferenceCore
+
+    indices = list(range(len(seqs))) if indices is None else list(indices)
     core = InferenceCore(network, icfg)
     was_training = network.training
     network.eval()
-    rows: list[dict[str, Any]] = []
-    frames = 0
-    seconds = 0.0
+    done: list[SequenceResult] = []
     try:
-        for seq in tqdm(seqs, desc=f"evaluate {fmt}/{split}", disable=not progress, unit="seq"):
+        for i in tqdm(indices, desc=desc, disable=not progress, unit="seq"):
+            if deadline is not None and time.monotonic() >= deadline:
+                return done, False
+            seq = seqs[i]
             preds, s, n = predict_sequence(core, seq)
-            seconds += s
-            frames += n
+            rows: list[dict[str, Any]] = []
             if pred_root is not None:
                 palette = seq.palette()
                 for frame, ids in preds.items():
@@ -180,32 +195,80 @@ def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, spli
                     raise RuntimeError(f"sequence {seq.name}: no prediction for scored frame {missing[0]}")
                 gt = np.stack([seq.gt(f) for f in seq.gt_frames])
                 pred = np.stack([preds[f] for f in seq.gt_frames])
-                rows += _score_arrays(seq.name, gt, pred)
-        result: dict[str, Any] = {"fps": frames / seconds if seconds else float("nan"), "frames": frames,
-                                  "sequences": len(seqs), "settings": settings}
-        if rows:
-            summary = metrics.summarize(rows)
-            result.update(summary)
-            result["per_sequence"] = _per_sequence(rows)
-            result["per_object"] = rows
-            if out is not None and tmp is None:
-                write_csvs(out, split, rows, summary)
-        if fmt == "lvos" and any(s.has_gt for s in seqs) and pred_root is not None:
-            scores = lvos.score(pred_root, Path(val_root), split, unseen_videos)
-            result.update(scores)
-            if tmp is None:
-                lvos.write_csv(out, scores, split)
-        if out is not None and tmp is None:
-            hidden = fmt in ("youtubevos", "mose") or (fmt == "davis" and split in davis.HIDDEN_GT_SPLITS) or (
-                fmt == "lvos" and not any(s.has_gt for s in seqs))
-            if hidden and fmt == "lvos":
-                result["zip"] = str(lvos.submission_zip(pred_root, out / "submission.zip", Path(val_root), split))
-            elif hidden:
-                result["zip"] = str(_MODULES[fmt].submission_zip(pred_root, out / "submission.zip"))
-            (out / "summary.json").write_text(json.dumps(
-                {k: v for k, v in result.items() if k not in ("per_object",)}, indent=1, default=str))
+                rows = _score_arrays(seq.name, gt, pred)
+            done.append(SequenceResult(i, seq.name, rows, n, s))
     finally:
         network.train(was_training)
+    return done, True
+
+
+def summarise(results: list[SequenceResult], num_sequences: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """The global numbers of a split from its per-sequence results, taken in split order (however they were
+    produced: one process, or gathered from many), so the pooled means are the same floating-point sums."""
+    results = sorted(results, key=lambda r: r.index)
+    rows = [row for r in results for row in r.rows]
+    frames = sum(r.frames for r in results)
+    seconds = sum(r.seconds for r in results)
+    result: dict[str, Any] = {"fps": frames / seconds if seconds else float("nan"), "frames": frames,
+                              "sequences": num_sequences, "settings": settings}
+    if rows:
+        result.update(metrics.summarize(rows))
+        result["per_sequence"] = _per_sequence(rows)
+        result["per_object"] = rows
+    return result
+
+
+def write_results(result: dict[str, Any], seqs: list[Sequence], out: Path | None, split: str = "val",
+                  fmt: str = "davis", val_root: str | os.PathLike | None = None, pred_root: Path | None = None,
+                  unseen_videos: Any = None, files: bool = True) -> dict[str, Any]:
+    """After the run: LVOS's toolkit scores (into `result`), and with `files` the CSVs, the submission zip of a
+    hidden-ground-truth split and summary.json in `out`. Returns `result`."""
+    rows = result.get("per_object")
+    if rows and out is not None and files:
+        write_csvs(out, split, rows, {k: result[k] for k in metrics.GLOBAL_KEYS})
+    if fmt == "lvos" and any(s.has_gt for s in seqs) and pred_root is not None:
+        scores = lvos.score(pred_root, Path(val_root), split, unseen_videos)
+        result.update(scores)
+        if files:
+            lvos.write_csv(out, scores, split)
+    if out is not None and files:
+        hidden = fmt in ("youtubevos", "mose") or (fmt == "davis" and split in davis.HIDDEN_GT_SPLITS) or (
+            fmt == "lvos" and not any(s.has_gt for s in seqs))
+        if hidden and fmt == "lvos":
+            result["zip"] = str(lvos.submission_zip(pred_root, out / "submission.zip", Path(val_root), split))
+        elif hidden:
+            result["zip"] = str(_MODULES[fmt].submission_zip(pred_root, out / "submission.zip"))
+        (out / "summary.json").write_text(json.dumps(
+            {k: v for k, v in result.items() if k not in ("per_object",)}, indent=1, default=str))
+    return result
+
+
+def evaluate_network(network: torch.nn.Module, val_root: str | os.PathLike, split: str = "val",
+                     size: int | None = None, flip: bool | None = None, out_dir: str | os.PathLike | None = None,
+                     max_sequences: int | None = None, fmt: str = "davis", inference_cfg: Any = None,
+                     progress: bool = True, preset: str | None = None, overwrite: bool = False,
+                     overrides: dict[str, Any] | None = None, unseen_videos: Any = None) -> dict[str, Any]:
+    """Propagate through every sequence of the split and score what has ground truth. Returns the global numbers
+    (DAVIS: J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay; LVOS: its toolkit's), `per_sequence`,
+    `per_object`, `fps`, `frames`, `settings`. Predictions and CSVs are written only when out_dir is given
+    (refused when it is not empty, unless overwrite).
+
+    The pieces (plan_evaluation, run_sequences, summarise, write_results) are what training.validation runs
+    spread over ranks."""
+    icfg, settings, seqs = plan_evaluation(network, val_root, split, size, flip, max_sequences, fmt, inference_cfg,
+                                           preset, overrides)
+    out = prepare_out(Path(out_dir), overwrite) if out_dir is not None else None
+    tmp = None
+    if out is None and fmt == "lvos" and any(s.has_gt for s in seqs):
+        tmp = tempfile.TemporaryDirectory(prefix="s3vos-lvos-")  # LVOS's scorer reads PNG files
+        out = Path(tmp.name)
+    pred_root = None if out is None else out / "Annotations"
+    try:
+        done, _ = run_sequences(network, icfg, seqs, pred_root=pred_root, fmt=fmt, progress=progress,
+                                desc=f"evaluate {fmt}/{split}")
+        result = summarise(done, len(seqs), settings)
+        write_results(result, seqs, out, split, fmt, val_root, pred_root, unseen_videos, files=tmp is None)
+    finally:
         if tmp is not None:
             tmp.cleanup()
     return result

@@ -4,13 +4,28 @@ and a tracking server that goes away mid-run never stops training.
 When a call fails, metrics are kept in memory and appended to OUTPUT/mlflow_pending.jsonl; the next successful
 call replays them with their original steps and timestamps and logs the outage as `tracking/gap_seconds` and
 `tracking/replayed_metrics` (a retry is attempted at most every `RETRY_SECONDS`).
+
+Validated checkpoints become MLflow 3 LoggedModels off the training path: `log_checkpoint` stages hard links
+of the consolidated weights and their config in OUTPUT/uploads/<tag>-<ms>/ and returns; one background thread
+uploads them in order (step = iteration, tag `iteration`, the val metrics on the model and the run, mask
+overlays), retrying `tracking.upload_retries` times with a doubling back-off. Each finished upload appends
+{"iteration", "tag", "status", "model_uri", "model_id"} to OUTPUT/logged_models.jsonl; one that still fails is
+logged as a WARNING naming the iteration, recorded there with status FAILED, and its val metrics still reach
+the run. `end()` waits
+for the queue (at most `UPLOAD_WAIT_SECONDS`); uploads a killed job left staged resume at the next launch.
+The model stores the weights once (training.logged_model: format and loader). Timeouts and retries of each HTTP
+request are MLflow's own variables (`DEFAULT_ENV`), set only where the user has not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +33,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 30.0
+UPLOADS = "uploads"  # OUTPUT/uploads/<tag>-<ms>/: the files of a logged model until its upload is done
+JOB_FILE = "job.json"
+LOGGED_MODELS = "logged_models.jsonl"  # OUTPUT/logged_models.jsonl: one line per finished (or failed) upload
+UPLOAD_BACKOFF_SECONDS = 10.0  # first retry delay of an upload; doubled each retry
+UPLOAD_BACKOFF_MAX_SECONDS = 300.0
+UPLOAD_WAIT_SECONDS = 3600.0  # Tracker.end waits at most this long for queued uploads
+# Set with os.environ.setdefault when the tracker starts, so a value the user exports wins. The HTTP ones apply to
+# every request MLflow makes, metric calls on the training path and each artifact upload request alike: raise
+# MLFLOW_HTTP_REQUEST_TIMEOUT for a slow artifact store (large uploads: MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD).
+DEFAULT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 FAILED = object()  # what a tracking call returns when MLflow raised
 # MLflow's name rules forbid "&": the UI/CLI name "val/J&F" is stored as "val/JF".
 VAL_METRICS = {"J&F-Mean": "val/JF", "J-Mean": "val/J", "F-Mean": "val/F", "J-Recall": "val/J_recall",
@@ -55,13 +81,15 @@ class Tracker:
         self._pending: list[dict[str, Any]] = []
         self._down_since: float | None = None
         self._last_try = 0.0
+        self._lock = threading.Lock()  # the buffered metrics and OUTPUT/*.jsonl: shared with the upload thread
         self.out = Path(cfg.output_dir)
+        self.upload_retries = cfg.tracking.upload_retries
         if not self.enabled:
             return
-        # Fail fast against a server that is down (MLflow otherwise retries for minutes per call).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        # MLflow's own variables, only where the user has not set them (theirs win): fail fast against a server
+        # that is down (MLflow otherwise retries for minutes per call); no progress bar per artifact download.
+        for name, value in DEFAULT_ENV.items():
+            os.environ.setdefault(name, value)
         import mlflow
 
         self.mlflow = mlflow
@@ -87,6 +115,8 @@ class Tracker:
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.tracking_uri = uri
+        self._uploads = _UploadQueue(self._upload)
+        self._resume_staged_uploads()
 
     @staticmethod
     def _log_shard_manifest(mlflow, shards: Path) -> None:
@@ -135,22 +165,29 @@ class Tracker:
             self._keep(record)
 
     def _keep(self, record: dict[str, Any]) -> None:
-        self._pending.append(record)
-        with open(self.out / "mlflow_pending.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self._lock:
+            self._pending.append(record)
+            with open(self.out / "mlflow_pending.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _replay(self) -> bool:
         from mlflow.entities import Metric
 
-        metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in self._pending for k, v in r["metrics"].items()]
+        with self._lock:
+            records = list(self._pending)
+        metrics = [Metric(k, v, r["timestamp"], r["step"]) for r in records for k, v in r["metrics"].items()]
         client = self.mlflow.MlflowClient()
         for i in range(0, len(metrics), 900):
             if self._call("log_batch", client.log_batch, self.run_id, metrics=metrics[i:i + 900]) is FAILED:
                 return False
-        gap = time.time() - (self._down_since or time.time())
+        last_step = records[-1]["step"]
+        with self._lock:
+            del self._pending[:len(records)]
+        if self._down_since is None:  # no outage on this thread: the scores of a checkpoint whose upload failed
+            log.info("logged %d val metric values of checkpoint(s) whose model upload failed", len(metrics))
+            return True
+        gap = time.time() - self._down_since
         log.warning("MLflow is back after %.0f s; replayed %d buffered metric values", gap, len(metrics))
-        last_step = self._pending[-1]["step"]
-        self._pending.clear()
         self._down_since = None
         self._call("log_gap", self.mlflow.log_metrics,
                    {"tracking/gap_seconds": gap, "tracking/replayed_metrics": len(metrics)}, step=last_step)
@@ -163,36 +200,201 @@ class Tracker:
     # ---------------------------------------------------------------------------------- checkpoints
 
     def log_checkpoint(self, network, iteration: int, scores: dict[str, float], extra_files: list[str],
-                       overlays: dict[str, Any] | None = None) -> str | None:
-        """Log a validated checkpoint as an MLflow 3 LoggedModel with its val metrics; returns its model URI."""
+                       overlays: dict[str, Any] | None = None) -> None:
+        """Queue a validated checkpoint to be logged as an MLflow 3 LoggedModel with its val metrics; returns
+        at once (None: the model URI is not known yet).
+
+        `extra_files` are the consolidated weights (`*.pt`, the one copy the model stores) and its `.model.yaml`
+        config sidecar; they are hard-linked into OUTPUT/uploads/<tag>-<ms>/ first, so rotating OUTPUT/weights
+        (checkpoint.purge_weights) never pulls a file from under an upload. `network` is saved only when no
+        `*.pt` is given. The upload runs on one background thread (FIFO), retried `tracking.upload_retries`
+        times; its model URI is appended to OUTPUT/logged_models.jsonl when done (`wait_for_uploads`, `end`).
+        """
         if not self.enabled:
             return None
-        mlflow = self.mlflow
-        info = self._call("log_model", _log_model, mlflow, network, iteration, extra_files)
         values = {VAL_METRICS[k]: float(v) for k, v in scores.items() if k in VAL_METRICS}
-        if info is FAILED:
-            self._keep({"metrics": values, "step": iteration, "timestamp": int(time.time() * 1000),
-                        "unlogged_checkpoint": iteration})
+        try:
+            job = _stage(self.out / UPLOADS, iteration, extra_files, network, values, self.run_id,
+                         self.experiment_id)
+        except OSError as e:
+            log.warning("checkpoint iteration %d is NOT logged to MLflow: staging its files failed (%s)", iteration, e)
+            self._record_failed(iteration, values, f"staging failed: {e}")
             return None
-        self._call("log_val_metrics", mlflow.log_metrics, values, step=iteration, model_id=info.model_id)
-        for name, image in (overlays or {}).items():
-            self._call("log_image", mlflow.log_image, image, key=f"val/overlay/{name}", step=iteration)
-        return info.model_uri
+        self._uploads.submit(job, overlays or {})
+        return None
+
+    def wait_for_uploads(self, timeout: float | None = None) -> bool:
+        """Wait for the queued logged-model uploads; True when none is left."""
+        return not self.enabled or self._uploads.wait(timeout)
+
+    def _upload(self, job: dict[str, Any], overlays: dict[str, Any]) -> None:
+        """Background thread: log one staged checkpoint, with retries; never raises."""
+        attempts = 1 + max(0, int(self.upload_retries))
+        it, error = job["iteration"], ""
+        for attempt in range(1, attempts + 1):
+            try:
+                uri = _log_staged_model(self.mlflow, job, overlays)
+            except Exception as e:  # noqa: BLE001 (an upload failure must never reach training)
+                error = f"{type(e).__name__}: {e}"
+                if attempt == attempts:
+                    break
+                delay = min(UPLOAD_BACKOFF_SECONDS * 2 ** (attempt - 1), UPLOAD_BACKOFF_MAX_SECONDS)
+                log.warning("MLflow upload of checkpoint iteration %d failed (attempt %d/%d: %s); retrying in "
+                            "%.0f s", it, attempt, attempts, error, delay)
+                time.sleep(delay)
+                continue
+            self._append_logged({"iteration": it, "tag": job["tag"], "status": "READY", "model_uri": uri,
+                                 "model_id": job.get("model_id"), "attempts": attempt})
+            shutil.rmtree(job["dir"], ignore_errors=True)
+            log.info("logged checkpoint iteration %d to MLflow as %s", it, uri)
+            return
+        if job.get("model_id"):
+            with contextlib.suppress(Exception):
+                self.mlflow.MlflowClient().finalize_logged_model(job["model_id"], "FAILED")
+        log.warning("checkpoint iteration %d was NOT logged to MLflow after %d attempts (%s); its val metrics are "
+                    "kept for the run, its weights stay in %s until rotated (checkpoint.keep_weights)",
+                    it, attempts, error, self.out / "weights")
+        self._record_failed(it, job["values"], error, job.get("model_id"), job["timestamp"])
+        shutil.rmtree(job["dir"], ignore_errors=True)
+
+    def _record_failed(self, iteration: int, values: dict[str, float], error: str, model_id: str | None = None,
+                       timestamp: int | None = None) -> None:
+        self._append_logged({"iteration": iteration, "tag": f"iter_{iteration:07d}", "status": "FAILED",
+                             "model_uri": None, "model_id": model_id, "error": error})
+        if values:  # the run still gets the scores (replayed with the buffered metrics)
+            self._keep({"metrics": values, "step": iteration, "timestamp": timestamp or int(time.time() * 1000),
+                        "unlogged_checkpoint": iteration})
+
+    def _append_logged(self, record: dict[str, Any]) -> None:
+        with self._lock, open(self.out / LOGGED_MODELS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _resume_staged_uploads(self) -> None:
+        """Uploads a killed job left in OUTPUT/uploads are queued again (their scores travel in job.json)."""
+        root = self.out / UPLOADS
+        for path in sorted(root.glob("iter_*/" + JOB_FILE)) if root.is_dir() else []:
+            try:
+                job = json.loads(path.read_text())
+                job["dir"] = str(path.parent)
+            except (OSError, ValueError) as e:
+                log.warning("ignoring unreadable staged upload %s (%s)", path, e)
+                continue
+            log.info("resuming the MLflow upload of checkpoint iteration %d left by the previous job", job["iteration"])
+            self._uploads.submit(job, {})
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
+            pending = self._uploads.pending()
+            if pending:
+                log.info("waiting for %d logged-model upload(s) to MLflow (at most %.0f s)", pending,
+                         UPLOAD_WAIT_SECONDS)
+            if not self._uploads.wait(UPLOAD_WAIT_SECONDS):
+                log.warning("%d logged-model upload(s) still unfinished after %.0f s; they stay staged in %s and "
+                            "resume when the job is relaunched into this output folder",
+                            self._uploads.pending(), UPLOAD_WAIT_SECONDS, self.out / UPLOADS)
+            self._uploads.close()
             self.flush()
             self._call("end_run", self.mlflow.end_run, status=status)
 
 
-def _log_model(mlflow, network, iteration: int, extra_files: list[str]):
-    import mlflow.pytorch
+class _UploadQueue:
+    """One daemon thread running upload jobs in submission order (a daemon: a hung upload never blocks exit)."""
 
-    # Explicit requirements: MLflow's inference of them would re-import the model in a subprocess (slow).
-    # "pickle": MLflow 3's default pt2 export traces forward() with an input example, which a memory-based VOS
-    # network has no single form of. The consolidated state dict rides along (extra_files) for weights_only loads.
-    return mlflow.pytorch.log_model(
-        pytorch_model=network, name=f"ckpt-iter{iteration:07d}", step=iteration, extra_files=extra_files,
-        serialization_format="pickle",
-        pip_requirements=["torch", "timm", "numpy", "opencv-python"], tags={"iteration": str(iteration)},
-    )
+    def __init__(self, run_job):
+        self._run_job = run_job
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: dict[str, Any], overlays: dict[str, Any]) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="mlflow-upload", daemon=True)
+            self._thread.start()
+        self._queue.put((job, overlays))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._run_job(*item)
+            except Exception:  # noqa: BLE001 (belt and braces: _upload already catches)
+                log.exception("MLflow upload worker error")
+            finally:
+                self._queue.task_done()
+
+    def pending(self) -> int:
+        return self._queue.unfinished_tasks
+
+    def wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive() and not self._queue.unfinished_tasks:
+            self._queue.put(None)
+
+
+def _stage(root: Path, iteration: int, files: list[str], network, values: dict[str, float], run_id: str | None,
+           experiment_id: str | None) -> dict[str, Any]:
+    """OUTPUT/uploads/<tag>-<ms>/: hard links of the files to upload (a copy across file systems) and job.json."""
+    tag = f"iter_{iteration:07d}"
+    stamp = int(time.time() * 1000)
+    folder = root / f"{tag}-{stamp}"  # unique: an upload of the same tag resumed from a killed job may be queued
+    folder.mkdir(parents=True)
+    for f in map(Path, files):
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copy2(f, folder / f.name)
+    if not any(p.suffix == ".pt" for p in folder.iterdir()):
+        import torch
+
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, folder / f"{tag}.pt")
+    job = {"iteration": iteration, "tag": tag, "values": values, "timestamp": stamp,
+           "run_id": run_id, "experiment_id": experiment_id, "model_id": None}
+    (folder / JOB_FILE).write_text(json.dumps(job))
+    job["dir"] = str(folder)
+    return job
+
+
+def _log_staged_model(mlflow, job: dict[str, Any], overlays: dict[str, Any]) -> str:
+    """One attempt: the LoggedModel (created once, reused by retries), its files, its val metrics, the overlays."""
+    from mlflow.entities import Metric
+    from mlflow.models import Model
+
+    from training import logged_model
+
+    client = mlflow.MlflowClient()
+    it, run_id, folder = job["iteration"], job["run_id"], Path(job["dir"])
+    if not job.get("model_id"):
+        model = client.create_logged_model(job["experiment_id"], name=f"ckpt-iter{it:07d}", source_run_id=run_id,
+                                           tags={"iteration": str(it)})
+        job["model_id"] = model.model_id
+        (folder / JOB_FILE).write_text(json.dumps({k: v for k, v in job.items() if k != "dir"}))
+    data = folder / "data" / job["tag"]  # what the model stores: the weights and the config sidecar, nothing else
+    if not data.is_dir():
+        data.mkdir(parents=True)
+        for p in folder.iterdir():
+            if p.is_file() and p.name != JOB_FILE:
+                os.replace(p, data / p.name)
+    # The pyfunc flavour with a loader module: no pickled object, loadable with the package installed
+    # (training.logged_model.load_logged_model, or mlflow.pyfunc.load_model(uri).get_raw_model()).
+    info = Model.log(None, name=f"ckpt-iter{it:07d}", flavor=mlflow.pyfunc, run_id=run_id, model_id=job["model_id"],
+                     step=it, loader_module=logged_model.LOADER_MODULE, data_path=str(data),
+                     pip_requirements=logged_model.PIP_REQUIREMENTS)
+    ts = job["timestamp"]
+    metrics = [Metric(k, v, ts, it, model_id=job["model_id"]) for k, v in job["values"].items()]
+    if metrics and not job.get("metrics_logged"):
+        client.log_batch(run_id, metrics=metrics)
+        job["metrics_logged"] = True
+    for name, image in overlays.items():
+        client.log_image(run_id, image, key=f"val/overlay/{name}", step=it, timestamp=ts)
+    overlays.clear()  # logged: a retry of a later step does not log them twice
+    return info.model_uri

@@ -6,8 +6,18 @@
 
 The loop is driven by the iteration count over infinite per-rank streams (no rank can run out of data first).
 Every `checkpoint.every` iterations every rank saves; every `validation.every` iterations rank 0 consolidates the
-fp32 weights, scores them on the DAVIS-format val split and logs them to MLflow as a model. A job relaunched
-into the same output folder resumes from the latest complete checkpoint, same data stream, same MLflow run.
+fp32 weights, every rank scores its share of the DAVIS-format val sequences on its own device, and rank 0 logs
+the reduced J&F to MLflow with the model. A job relaunched into the same output folder resumes from the latest
+complete checkpoint, same data stream, same MLflow run, on any world size (the streams and the curriculum follow
+the global iteration).
+
+Stopping (training/lifecycle.py): SIGUSR1/SIGTERM, the file named by S3VOS_STOP_FILE or the death of the launcher
+make every rank write a checkpoint at the end of the current iteration and exit 0; a second trainer on the same
+output folder is refused; a resume whose config differs from the checkpoint's is refused unless
+--allow-config-change (the change is logged into the same MLflow run).
+
+Exit codes: 0 done or stopped with a checkpoint, 2 configuration/provenance/lock error (before any heavy work),
+3 diverged (non-finite losses), 4 disk full.
 """
 
 from __future__ import annotations
@@ -30,10 +40,18 @@ import os
 import resource
 import socket
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from training.config import BatchSplit, ConfigError, TrainConfig, load_config, split_global_batch  # noqa: E402
+from training.config import (  # noqa: E402
+    OPERATIONAL_KEYS,
+    BatchSplit,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    split_global_batch,
+)
 
 log = logging.getLogger("training.train")
 
@@ -46,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train S3 with DeepSpeed ZeRO, tracked in MLflow.")
     p.add_argument("--config", required=True, help="training YAML (training/configs/*.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's (the change is logged to MLflow)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.iterations=1000")
     return p.parse_args(argv)
 
@@ -64,7 +84,10 @@ def _ensure_dist_env() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training import lifecycle
+
     args = parse_args(argv)
+    launched = "RANK" in os.environ  # started by a launcher (deepspeed, torchrun, srun), not by hand
     _ensure_dist_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -72,15 +95,78 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every configuration problem surfaces here, before DeepSpeed, the model or the data are touched
         cfg = load_config(args.config, args.overrides)
         split = split_global_batch(cfg, world)
+        resume = check_resume(cfg, args.allow_config_change)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    lock = None
+    if rank == 0:
+        try:
+            lock = lifecycle.OutputLock(cfg.output_dir).acquire()
+        except lifecycle.OutputInUse as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    stop = lifecycle.StopRequest.from_env(launched).install()
     try:
-        Trainer(cfg, split).run()
+        Trainer(cfg, split, stop=stop, resume=resume).run()
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        message = lifecycle.disk_full(e, [cfg.output_dir, cfg.checkpoint_dir])
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 4
+    finally:
+        stop.close()
+        if lock is not None:
+            lock.release()
+    if stop.reason:
+        print(f"stopped ({stop.reason}) after writing a checkpoint; relaunch the same command to resume",
+              file=sys.stderr)
     return 0
+
+
+@dataclass
+class ResumePlan:
+    """What the files say before any heavy work: the checkpoint to resume (or None) and an allowed config change."""
+
+    ref: Any = None
+    marker: dict[str, Any] = field(default_factory=dict)
+    config_change: list[tuple[str, Any, Any]] = field(default_factory=list)
+
+
+def check_resume(cfg: TrainConfig, allow_config_change: bool) -> ResumePlan:
+    """Read the checkpoint folder and refuse, with a ConfigError, what would silently train the wrong thing:
+    load_universal without a universal checkpoint, or a resume whose config differs (unless allowed)."""
+    from training import checkpoint, lifecycle
+
+    ckpt_dir = cfg.checkpoint_dir
+    ref = checkpoint.latest_complete(ckpt_dir)
+    if cfg.checkpoint.load_universal and ref is None:
+        why = "does not exist" if not ckpt_dir.is_dir() else "holds no complete checkpoint (iter_*/COMPLETE)"
+        raise ConfigError("checkpoint.dir", f"checkpoint.load_universal=true but {ckpt_dir} {why}; point "
+                          "checkpoint.dir at the output of cluster/deepspeed/to_universal.sh")
+    if ref is None:
+        return ResumePlan()
+    marker = ref.marker()
+    plan = ResumePlan(ref, marker)
+    if marker.get("config_hash") == cfg.hash():
+        return plan
+    old = marker.get("config")
+    if old is None:
+        diff = [("<config>", f"hash {marker.get('config_hash')}", f"hash {cfg.hash()}")]
+    else:
+        diff = lifecycle.config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
+    if not diff:
+        return plan
+    if not allow_config_change:
+        raise ConfigError(diff[0][0], f"resuming {ref.path} with a changed config: {lifecycle.format_diff(diff)}. "
+                          "Relaunch with the checkpoint's values, or pass --allow-config-change to continue the "
+                          "same run with the new ones (the change is logged to its MLflow run)")
+    plan.config_change = diff
+    return plan
 
 
 def read_loss_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -117,20 +203,26 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux reports KiB)
 
 
+def _dist_timeout(cfg: TrainConfig) -> timedelta:
+    """Collectives wait this long: past the validation time bound (ranks meet after validating), else 30 min."""
+    minutes = cfg.validation.time_limit_minutes
+    return timedelta(minutes=(minutes + 30) if minutes else 24 * 60) if cfg.validation.every else timedelta(minutes=30)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, split: BatchSplit):
+    def __init__(self, cfg: TrainConfig, split: BatchSplit, stop=None, resume: ResumePlan | None = None):
         import deepspeed
         import torch
         import torch.distributed as dist
 
-        from training import checkpoint, optim
+        from training import checkpoint, lifecycle, optim
         from training.tracking import Tracker
 
         self.cfg, self.split = cfg, split
+        self.stop = stop or lifecycle.StopRequest(watch_launcher=False)
         self.torch, self.dist = torch, dist
         on_gpu = torch.cuda.is_available()
-        # A long timeout: the other ranks wait at a barrier while rank 0 validates.
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(minutes=90))
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=_dist_timeout(cfg))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
         if on_gpu:
@@ -139,15 +231,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = cfg.checkpoint_dir
 
-        # Auto-resume: the newest checkpoint that has its completion marker (never a half-written one).
-        self.resume_from = checkpoint.latest_complete(self.ckpt_dir)
-        marker = self.resume_from.marker() if self.resume_from else {}
-        if self.resume_from and marker.get("config_hash") != cfg.hash() and self.rank == 0:
-            log.warning("resuming %s written with config hash %s; this config hashes to %s",
-                        self.resume_from.path, marker.get("config_hash"), cfg.hash())
+        # Auto-resume: the newest checkpoint that has its completion marker (never a half-written one), as
+        # check_resume found it before DeepSpeed started (a config change there was refused or allowed).
+        plan = resume if resume is not None else check_resume(cfg, allow_config_change=False)
+        self.resume_from, marker = plan.ref, plan.marker
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model_cfg, self.network, wrapper = self._build_model()
+        self.init_report = self._init_from() if cfg.model.init_from and self.resume_from is None else None
+        self.sync_bn_layers = 0
+        if cfg.model.sync_batchnorm and self.world > 1:
+            import model
+
+            self.sync_bn_layers = model.sync_batchnorm(self.network)
+            wrapper = self._rewrap(wrapper)
         optimizer = optim.build_optimizer(self.network, cfg)
         self.bf16 = optim.use_bf16(cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -156,6 +253,10 @@ class Trainer:
 
         self.tracker = Tracker(cfg, self.rank, marker.get("mlflow_run_id"))
         self.run_id = self._broadcast(self.tracker.run_id)
+        if plan.config_change and self.rank == 0:
+            self._log_config_change(plan)
+        if self.init_report is not None and self.rank == 0 and self.tracker.enabled:
+            self.tracker.mlflow.log_dict(self.init_report, "config/init_from.json")
         self.iteration, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0
         self.loader = self._build_loader()
         if self.resume_from:
@@ -163,9 +264,13 @@ class Trainer:
             self.iteration = int(state["iteration"])
             self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
             loader_state = checkpoint.this_ranks(state.get("loader_per_rank"))
-            if loader_state is None:  # saved by a different world size: each rank's stream restarts, re-seeded
-                log.warning("checkpoint %s was written by another world size; the data streams restart",
-                            self.resume_from.path)
+            if loader_state is None:
+                # Saved by another world size: each rank's stream is a function of its batch count, so it goes on
+                # where a job of this world size would be at this iteration, curriculum level included.
+                self.loader.iteration = self.iteration * self.split.accumulation
+                log.warning("checkpoint %s was written by another world size; the data streams continue at "
+                            "iteration %d (curriculum level %s)", self.resume_from.path, self.iteration,
+                            self.loader.level_at(self.loader.iteration))
             else:
                 self.loader.load_state_dict(loader_state)
             log.info("resumed from %s at iteration %d", self.resume_from.path, self.iteration)
@@ -176,6 +281,8 @@ class Trainer:
                 "world_size": self.world, "global_batch": split.global_batch, "micro_batch": split.micro_batch,
                 "accumulation": split.accumulation, "engine_train_batch_size": self.engine.train_batch_size(),
                 "zero_stage": self.engine.zero_optimization_stage(), "bf16": self.bf16,
+                "precision": f"autocast {optim.autocast_dtype(cfg)}, fp32 parameters" if self.bf16 else "fp32",
+                "sync_batchnorm_layers": self.sync_bn_layers,
                 "resumed_from": str(self.resume_from.path) if self.resume_from else None}, indent=2))
 
     # ---------------------------------------------------------------------------------------- building
@@ -191,6 +298,38 @@ class Trainer:
         model_cfg = load_model_config(self.cfg.model.name, overrides)
         network = model.build_network(model_cfg)
         return model_cfg, network, ClipTrainer(network, model_cfg)
+
+    def _rewrap(self, wrapper):
+        """The training wrapper registers the network's children as its own: rebuild it after they changed."""
+        from model.train_wrapper import ClipTrainer
+
+        return ClipTrainer(self.network, self.model_cfg) if isinstance(wrapper, ClipTrainer) else wrapper
+
+    def _init_from(self) -> dict[str, Any]:
+        """model.init_from: load the matching modules of a converted Cutie/S3 checkpoint; report what loaded."""
+        from model.weights import format_init_report, init_from_checkpoint
+
+        report = init_from_checkpoint(self.network, self.cfg.model.init_from)
+        if self.rank == 0:
+            log.info("model.init_from %s: %s", self.cfg.model.init_from, format_init_report(report))
+        return report
+
+    def _log_config_change(self, plan: ResumePlan) -> None:
+        """--allow-config-change: the change goes into the same MLflow run, next to the resolved config."""
+        from training import lifecycle
+
+        text = lifecycle.format_diff(plan.config_change)
+        log.warning("resuming %s with a changed config (--allow-config-change): %s", plan.ref.path, text)
+        change = {"iteration": plan.ref.iteration, "from_config_hash": plan.marker.get("config_hash"),
+                  "to_config_hash": self.cfg.hash(),
+                  "changes": [{"key": k, "old": o, "new": n} for k, o, n in plan.config_change]}
+        with open(self.out / "config_changes.jsonl", "a") as f:
+            f.write(json.dumps(change, default=str) + "\n")
+        if self.tracker.enabled:
+            name = f"config/change_at_iter_{plan.ref.iteration:07d}"
+            self.tracker._call("log_config_change", self.tracker.mlflow.log_dict, change, name + ".json")
+            self.tracker._call("log_config", self.tracker.mlflow.log_text, self.cfg.to_yaml(), name + ".yaml")
+            self.tracker._call("tag_config", self.tracker.mlflow.set_tag, "config_hash", self.cfg.hash())
 
     def _build_loader(self):
         from data_pipeline.loader import build_train_loader
@@ -220,7 +359,9 @@ class Trainer:
 
         bar = tqdm(total=min(total, stop_at), initial=self.iteration, desc="train", unit="it", mininterval=5.0,
                    disable=self.rank != 0, dynamic_ncols=True)
-        status = "KILLED"  # until the loop ends normally
+        # FAILED unless the loop ends normally or every rank agreed to stop; a run stopped early (train.stop_after,
+        # a stop request) is continued by the relaunch: MLflow keeps its id and the new job marks it RUNNING again.
+        status, together = "FAILED", False
         try:
             if self._owes_validation():  # the last run died while validating the checkpoint it resumed from
                 self._validate()
@@ -228,41 +369,52 @@ class Trainer:
                 t_start = time.time()
                 lr = optim.set_lr(self.base_optimizer, cfg, self.iteration)
                 terms, data_wait = self._one_iteration(it_loader)
+                stopping = terms.pop("stop", 0) > 0  # all-reduced: every rank sees the same value
                 self.iteration += 1
                 self._record(terms, lr, data_wait, time.time() - t_start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms.get('total_loss', float('nan')):.4f}", lr=f"{lr:.1e}", refresh=False)
                 last = self.iteration in (total, stop_at)
-                if self.iteration % cfg.checkpoint.every == 0 or last:
+                if self.iteration % cfg.checkpoint.every == 0 or last or stopping:
                     self._save()
+                if stopping:
+                    log.warning("stopped at iteration %d (%s); checkpoint %s written", self.iteration,
+                                self.stop.reason or "a stop request on another rank",
+                                self.ckpt_dir / f"iter_{self.iteration:07d}")
+                    self.stop.reason = self.stop.reason or "a stop request on another rank"
+                    status, together = "KILLED", True
+                    break
                 if cfg.validation.every and (self.iteration % cfg.validation.every == 0
                                              or (last and self.iteration == total and cfg.validation.at_end)):
                     self._validate()
-            status = "FINISHED"
+            else:
+                status, together = "FINISHED", True
         except NonFiniteLossError:
-            status = "FAILED"
+            together = True  # the non-finite check is all-reduced: every rank raises at the same iteration
             raise
         finally:
             bar.close()
-            # A run stopped early (train.stop_after, an error) is continued by the relaunch: MLflow keeps its id.
             self.tracker.end(status)
-            if status != "KILLED":  # every rank got here together (the non-finite check is all-reduced)
+            if together:
                 self.dist.barrier()  # rank 0 has closed the MLflow run before any rank exits
                 self.dist.destroy_process_group()
 
     def _one_iteration(self, it_loader) -> tuple[dict[str, float], float]:
         """One optimizer step = `accumulation` good micro-batches; a non-finite one is dropped and counted."""
+        from training import optim
+
         torch, cfg = self.torch, self.cfg
         done, data_wait, clips = 0, 0.0, 0
         sums: dict[str, float] = {}
-        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        dtype = optim.input_dtype(cfg)  # fp32 inputs and parameters; bf16 compute under autocast (optim docstring)
         while done < self.split.accumulation:
             t0 = time.time()
             batch = next(it_loader)
             data_wait += time.time() - t0
             # Seeded by (seed, iteration, micro-step, rank): the wrapper's random choices replay after a resume.
             torch.manual_seed(hash((cfg.train.seed, self.iteration, done, self.rank)) % 2**63)
-            out = self.engine(_to_device(batch, self.device, dtype))
+            with optim.forward_context(cfg, self.device):
+                out = self.engine(_to_device(batch, self.device, dtype))
             loss = out["total_loss"]
             bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0], device=self.device)
             self.dist.all_reduce(bad, op=self.dist.ReduceOp.MAX)  # every rank skips together, or none does
@@ -288,7 +440,10 @@ class Trainer:
         terms = {k: v / self.split.accumulation for k, v in sums.items()}
         keys = sorted(terms)
         skipped = float(self.loader.skipped)  # bad samples/shards this rank's loader passed over
-        vec = torch.tensor([terms[k] for k in keys] + [data_wait, skipped, clips], dtype=torch.float64,
+        # A stop request on any rank (signal, stop file, launcher gone) rides on this all-reduce: all ranks stop
+        # at the same iteration. The stop file is a shared-filesystem stat: rank 0 alone reads it.
+        stop = float(self.stop.requested(check_file=self.rank == 0))
+        vec = torch.tensor([terms[k] for k in keys] + [data_wait, skipped, clips, stop], dtype=torch.float64,
                            device=self.device)
         self.dist.all_reduce(vec)
         vals = vec.tolist()
@@ -296,6 +451,8 @@ class Trainer:
         terms = {k: vals[i] / self.world for i, k in enumerate(keys)}
         terms["data_skipped"] = int(vals[n + 1])  # summed over ranks
         terms["clips"] = int(vals[n + 2])  # clips in this optimizer step over all ranks (= the global batch)
+        terms["stop"] = vals[n + 3]
+        terms["level"] = self.loader.level_at(self.loader.iteration - 1)  # curriculum level of this step's data
         return terms, vals[n] / self.world
 
     def _record(self, terms: dict[str, float], lr: float, data_wait: float, seconds: float) -> None:
@@ -307,7 +464,7 @@ class Trainer:
         if self.iteration % self.cfg.tracking.log_every and self.iteration != 1:
             return
         metrics = {f"train/{k.removeprefix('loss/')}" if k != "total_loss" else "train/loss": v
-                   for k, v in terms.items() if k not in ("clips", "data_skipped")}
+                   for k, v in terms.items() if k not in ("clips", "data_skipped", "level", "stop")}
         metrics["data/loader_skipped"] = terms.get("data_skipped", 0)
         metrics.update({"train/lr": lr, "train/clips_per_s": self.split.global_batch / max(seconds, 1e-9),
                         "train/data_wait_s": data_wait, "train/seconds_per_it": seconds,
@@ -325,22 +482,26 @@ class Trainer:
 
         per_rank = checkpoint.gather_per_rank(self.loader.state_dict())  # ZeRO 0-2 keep rank 0's client state only
         client_state = {"iteration": self.iteration, "loader": per_rank[self.rank], "loader_per_rank": per_rank,
-                        "mlflow_run_id": self.run_id, "config_hash": self.cfg.hash(),
+                        "mlflow_run_id": self.run_id, "config_hash": self.cfg.hash(), "config": self.cfg.to_dict(),
                         "nonfinite_in_a_row": self.nonfinite_in_a_row}
         return checkpoint.save(self.engine, self.ckpt_dir, self.iteration, client_state, self.cfg.checkpoint.keep_last)
 
     def _validate(self) -> None:
-        """Rank 0 scores the latest checkpoint's consolidated weights; the other ranks wait at the barrier."""
+        """Collective: rank 0 consolidates the checkpoint's weights, every rank scores its share of the val
+        sequences on its own device, rank 0 reduces and logs (training/validation.py). A validation past
+        validation.time_limit_minutes is recorded as skipped and the job goes on."""
         from training import checkpoint
         from training.validation import validate_checkpoint
 
         ref = checkpoint.latest_complete(self.ckpt_dir)
         if ref is None or ref.iteration != self.iteration:
             ref = self._save()
-        if self.rank == 0:
-            validate_checkpoint(self.cfg, self.model_cfg, ref, self.tracker)
-            with open(self.out / "validated.txt", "a") as f:  # read by _owes_validation after a relaunch
+        validate_checkpoint(self.cfg, self.model_cfg, ref, self.tracker, device=self.device)
+        if self.rank == 0:  # validated or skipped: recorded, never owed again (read by _owes_validation)
+            with open(self.out / "validated.txt", "a") as f:
                 f.write(ref.tag + "\n")
+            # Rotate the consolidated weights; a queued logged-model upload holds its own hard links of them.
+            checkpoint.purge_weights(self.out / "weights", self.cfg.checkpoint.keep_weights)
         self.dist.barrier()
 
     def _owes_validation(self) -> bool:

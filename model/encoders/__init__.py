@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -28,8 +29,30 @@ __all__ = [
     "SpatialSemanticEncoder",
     "ViTFeatureEncoder",
     "build_pixel_encoder",
+    "check_weights_file",
     "parse_pixel_encoder_config",
 ]
+
+
+PIXEL_ENCODER_FILES = {
+    "resnet50": "torchvision's ImageNet resnet50 state dict (torchvision.models.resnet50(weights='IMAGENET1K_V1')"
+                ".state_dict(), or timm's resnet50 state dict)",
+    "resnet18": "torchvision's ImageNet resnet18 state dict (torchvision.models.resnet18(weights='IMAGENET1K_V1')"
+                ".state_dict(), or timm's resnet18.tv_in1k)",
+    "vit": "the Depth-Anything ViT-B/14 checkpoint (depth_anything_vitb14.pth; V2, DINOv2 or timm ViT-B/14 load too)",
+    "vit_spatial": "the Depth-Anything ViT-B/14 checkpoint (depth_anything_vitb14.pth; V2, DINOv2 or timm ViT-B/14 "
+                   "load too)",
+    "vit_spatial_semantic": "the Depth-Anything ViT-B/14 checkpoint (depth_anything_vitb14.pth; V2, DINOv2 or timm "
+                            "ViT-B/14 load too)",
+}
+
+
+def check_weights_file(key: str, path: str | Path, what: str, alternative: str) -> None:
+    """FileNotFoundError naming the config key, the file, what to put there and how to do without it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}: {path} not found (relative paths are read from the working directory "
+                                f"{Path.cwd()}); download {what} to that path, or {alternative}. No download "
+                                "happens at run time.")
 
 
 def build_pixel_encoder(cfg: Mapping[str, Any] | PixelEncoderConfig, drop_path: float = 0.0) -> nn.Module:
@@ -37,6 +60,9 @@ def build_pixel_encoder(cfg: Mapping[str, Any] | PixelEncoderConfig, drop_path: 
     if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path={drop_path!r}: expected a rate in [0, 1)")
     parsed = parse_pixel_encoder_config(cfg)
+    if parsed.init == "file":  # before building: fail fast, naming the key
+        check_weights_file("pixel_encoder.weights", parsed.weights, PIXEL_ENCODER_FILES.get(parsed.type, ""),
+                           "set pixel_encoder.init=random and pixel_encoder.weights=null for a random init")
     if parsed.type in ("resnet50", "resnet18"):
         encoder: nn.Module = ResNetEncoder(parsed)
     elif parsed.type == "vit":

@@ -41,8 +41,8 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
 class SpatialPriorModule(nn.Module):
     """A small conv stem giving the base features at strides 4, 8 and 16, projected to the ViT width.
 
-    BatchNorm layers are trainable (not frozen as in Cutie's ResNet); wrap the network with
-    `nn.SyncBatchNorm.convert_sync_batchnorm` for multi-GPU training, as the release does.
+    BatchNorm layers are trainable (not frozen as in Cutie's ResNet); multi-rank training converts them (and the
+    encoder's output norms) with `model.sync_batchnorm`, as the release does with SyncBatchNorm.
     """
 
     def __init__(self, width: int, dim: int) -> None:
@@ -238,8 +238,8 @@ class SpatialSemanticEncoder(ViTEncoderBase):
         c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1]], dim=1)
         tokens, (grid_h, grid_w) = self.vit_tokens(image)
         reference_points = grid_reference_points(
-            [(2 * grid_h, 2 * grid_w), (grid_h, grid_w)], levels=1, device=image.device, dtype=c.dtype
-        )
+            [(2 * grid_h, 2 * grid_w), (grid_h, grid_w)], levels=1, device=image.device, dtype=torch.float32
+        )  # fp32 whatever the weights' dtype: the deformable sampling runs in fp32
         vit_maps = []
         for group, stage in enumerate(self.stages):
             tokens = self.run_block_group(tokens, group)

@@ -16,7 +16,9 @@ CONFIG = ROOT / "training" / "configs" / "demo_cpu.yaml"
 
 @pytest.fixture
 def good(tmp_path: Path) -> list[str]:
-    (tmp_path / "shards").mkdir()
+    for level in ("skip05", "skip10", "skip15"):  # what start-up checks of a shard folder
+        (tmp_path / "shards" / level).mkdir(parents=True)
+        (tmp_path / "shards" / level / "000000.tar").touch()
     (tmp_path / "val").mkdir()
     return [f"output_dir={tmp_path / 'out'}", f"data.shards={tmp_path / 'shards'}",
             f"validation.root={tmp_path / 'val'}"]

@@ -171,10 +171,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, uninterrupted, tmp_path
     out.mkdir()
     shutil.copy(uninterrupted / "mlflow.db", out / "mlflow.db")  # the run id in the marker lives there
     proc = launch(1, overrides(shards, out, f"checkpoint.dir={universal}", "checkpoint.load_universal=true",
-                              "train.iterations=5", "optim.lr=1e-30", "optim.weight_decay=0"))
+                              "train.stop_after=5", "optim.lr=1e-30", "optim.weight_decay=0")
+                  + ["--allow-config-change"])  # a deliberate change of lr: refused without the flag
     log = proc.stdout + proc.stderr
     assert f"resumed from {universal / 'iter_0000004'}" in log
-    assert "written by another world size" in log  # the data streams restart, said plainly
+    assert "written by another world size; the data streams continue at iteration 4" in log
     assert sorted(losses(out)) == [5]
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["engine_train_batch_size"] == 4
@@ -195,6 +196,41 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, uninterrupted, tmp_path
     assert _adam_steps(after_ref.path) == {5}  # Adam's moments and step count came along (a fresh optimizer: 1)
     client, (run,) = mlflow_runs(out)
     assert run.info.run_id == json.loads((uninterrupted / "run_info.json").read_text())["mlflow_run_id"]
+
+
+@pytest.mark.timeout(1200)
+def test_universal_resume_on_another_world_size_continues_the_curriculum_and_the_one_rank_stream(shards, tmp_path):
+    """2 ranks train to iteration 4 of 6, the checkpoint is made universal and 1 rank finishes the run. With a
+    learning rate of 1e-30 the weights stay the initial ones, so iterations 5 and 6 of the resumed job must equal
+    those of a 1-rank job from scratch: same curriculum level (skip15 then skip05 at 80 % of 6) and the same
+    clips, which only holds when the streams follow the global iteration (a restart at 0 reads skip05, skip10)."""
+    frozen = ("optim.lr=1e-30", "optim.weight_decay=0", "checkpoint.every=4")
+    two = tmp_path / "two"
+    launch(2, overrides(shards, two, "train.stop_after=4", *frozen))
+    universal = tmp_path / "universal"
+    proc = subprocess.run(["bash", str(ROOT / "cluster" / "deepspeed" / "to_universal.sh"),
+                           str(two / "checkpoints"), str(universal)],
+                          cwd=ROOT, env=child_env(PYTHON=PY, WORKERS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(two / "mlflow.db", resumed / "mlflow.db")
+    launch(1, overrides(shards, resumed, f"checkpoint.dir={universal}", "checkpoint.load_universal=true", *frozen))
+    fresh = tmp_path / "fresh"
+    launch(1, overrides(shards, fresh, *frozen))
+
+    got, ref = losses(resumed), losses(fresh)
+    assert sorted(got) == [5, 6]
+    assert [ref[i]["level"] for i in (1, 2, 3, 4, 5, 6)] == ["skip05", "skip10", "skip15", "skip15", "skip15",
+                                                             "skip05"]
+    for it in (5, 6):
+        assert got[it]["level"] == ref[it]["level"], it
+        for key, value in ref[it].items():
+            if key == "total_loss" or key.startswith("loss/"):
+                assert got[it][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (it, key)
+    # ... and the 2-rank job's own streams were other clips: its iteration 4 is not the 1-rank one's.
+    assert losses(two)[4]["total_loss"] != pytest.approx(ref[4]["total_loss"], rel=1e-4)
 
 
 @pytest.mark.timeout(600)

@@ -61,3 +61,22 @@ def test_loads_refuse_pickled_objects(tmp_path):
     checkpoint.load_weights(torch.nn.Linear(2, 1), good)
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load_weights(net, evil)
+
+
+def test_purge_weights_keeps_the_newest_k_with_their_sidecars(tmp_path):
+    for it in (4, 8, 12, 16):
+        (tmp_path / f"iter_{it:07d}.pt").write_bytes(b"w")
+        (tmp_path / f"iter_{it:07d}.model.yaml").write_text("{}")
+    (tmp_path / "iter_0000020.raw.pt").write_bytes(b"r")  # a consolidation cut short
+    (tmp_path / "iter_0000020.tmp").write_bytes(b"t")
+    (tmp_path / "iter_0000016.pt.tmp").write_bytes(b"t")
+    (tmp_path / "iter_0000002.model.yaml").write_text("{}")  # a sidecar whose weights are gone
+    (tmp_path / "notes.txt").write_text("not ours")
+    removed = checkpoint.purge_weights(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000012.model.yaml", "iter_0000012.pt", "iter_0000016.model.yaml", "iter_0000016.pt", "notes.txt"]
+    assert len(removed) == 8
+    assert checkpoint.purge_weights(tmp_path, keep=2) == []
+    assert checkpoint.purge_weights(tmp_path / "missing", keep=2) == []
+    checkpoint.purge_weights(tmp_path, keep=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.config import ConfigError, load_config, split_global_batch
 from training.optim import lr_at, milestone_iterations
@@ -12,9 +13,17 @@ from training.optim import lr_at, milestone_iterations
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 
 
+def shard_levels(root: Path) -> Path:
+    """What load_config checks of a shard folder: the curriculum's level folders, each with a .tar."""
+    for level in ("skip05", "skip10", "skip15"):
+        (root / level).mkdir(parents=True)
+        (root / level / "000000.tar").touch()
+    return root
+
+
 @pytest.fixture
 def paths(tmp_path):
-    (tmp_path / "shards").mkdir()
+    shard_levels(tmp_path / "shards")
     (tmp_path / "val").mkdir()
     return [f"data.shards={tmp_path / 'shards'}", f"validation.root={tmp_path / 'val'}"]
 
@@ -116,11 +125,15 @@ def test_deepspeed_config_follows_the_training_config(stage, paths):
     assert ds["gradient_clipping"] == 3.0
     assert ds["bf16"]["enabled"] is False  # precision auto: fp32 on a machine without a GPU
     cfg = load_config(CONFIGS / "s3_mega.yaml", paths + ["train.precision=bf16"])
-    assert deepspeed_config(cfg, split_global_batch(cfg, 1))["bf16"]["enabled"] is True
+    # bf16 is autocast over fp32 parameters (training/optim.py): DeepSpeed's own bf16 mode stays off.
+    assert deepspeed_config(cfg, split_global_batch(cfg, 1))["bf16"]["enabled"] is False
+    from training.optim import autocast_dtype
+
+    assert autocast_dtype(cfg) is torch.bfloat16
 
 
 def test_demo_config_loads(tmp_path):
-    (tmp_path / "s").mkdir()
+    shard_levels(tmp_path / "s")
     (tmp_path / "v").mkdir()
     cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"data.shards={tmp_path / 's'}", f"validation.root={tmp_path / 'v'}"])
     assert cfg.model.name == "tiny" and cfg.train.zero_stage == 2 and cfg.train.precision == "fp32"

@@ -71,6 +71,10 @@ def test_one_run_params_resume_and_outage(cfg, tmp_path, monkeypatch):
     assert exp.artifact_location.startswith("file://") and str(tmp_path) in exp.artifact_location
 
 
+def _logged(out) -> list[dict]:
+    return [json.loads(line) for line in (out / tracking.LOGGED_MODELS).read_text().splitlines()]
+
+
 def test_metric_names():
     assert tracking.metric_key("val/J&F") == "val/JF"
     assert tracking.VAL_METRICS["J&F-Mean"] == "val/JF"
@@ -86,16 +90,17 @@ def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypa
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
-    weights = tmp_path / "w.pt"
-    uris = {}
     for it, jf in ((10, 0.41), (20, 0.73), (30, 0.58)):
         net = torch.nn.Linear(2, 2)
+        weights = tmp_path / f"iter_{it:07d}.pt"
         torch.save(net.state_dict(), weights)
         scores = {"J&F-Mean": jf, "J-Mean": jf - 0.01, "F-Mean": jf + 0.01, "fps": 3.0}
         overlay = {"seq_00005": np.zeros((8, 8, 3), np.uint8)}
-        uris[it] = t.log_checkpoint(net, it, scores, [str(weights)], overlay)
-    t.end()
-    assert all(u and u.startswith("models:/") for u in uris.values())
+        assert t.log_checkpoint(net, it, scores, [str(weights)], overlay) is None  # queued, off the training path
+    t.end()  # waits for the uploads
+    uris = {r["iteration"]: r["model_uri"] for r in _logged(tmp_path)}
+    assert sorted(uris) == [10, 20, 30] and all(u.startswith("models:/") for u in uris.values())
+    assert not any((tmp_path / "uploads").iterdir())  # the staged files are gone once uploaded
 
     champ = select.select("tracking-test", "val/J&F", tracking_uri=cfg.tracking.tracking_uri)
     assert champ.iteration == 20 and champ.score == pytest.approx(0.73)
@@ -113,8 +118,154 @@ def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypa
     assert any("overlay" in p for p in images)  # mask overlays were logged as images
     # A second selection after a better checkpoint arrives moves the alias.
     t2 = tracking.Tracker(cfg, rank=0, resume_run_id=t.run_id)
-    t2.log_checkpoint(torch.nn.Linear(2, 2), 40, {"J&F-Mean": 0.9}, [str(weights)])
+    t2.log_checkpoint(torch.nn.Linear(2, 2), 40, {"J&F-Mean": 0.9}, [])  # no file given: the network is saved
     t2.end()
     champ2 = select.select("tracking-test", tracking_uri=cfg.tracking.tracking_uri)
     assert champ2.iteration == 40 and champ2.version != champ.version
     assert str(client.get_model_version_by_alias("tracking-test-champion", "champion").version) == champ2.version
+
+
+# ------------------------------------------------------------------------------ logged models off the training path
+
+def _tiny_weights(folder, iteration):
+    """A consolidated weights file of the `tiny` network and its .model.yaml sidecar, as validation writes them."""
+    import torch
+
+    import model
+    from model.convert import offline_model_config, write_sidecar
+
+    model_cfg = offline_model_config("tiny")
+    weights = folder / f"iter_{iteration:07d}.pt"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.build_network(model_cfg).state_dict(), weights)
+    return weights, write_sidecar(weights, model_cfg)
+
+
+def test_logged_model_holds_one_weight_copy_and_loads_outside_the_repo(cfg, tmp_path, monkeypatch):
+    """The upload runs on the tracker's thread from hard links staged at log time: rotating OUTPUT/weights before
+    it runs loses nothing. The model stores the state dict once and loads in a process started elsewhere."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    import torch
+
+    from training import checkpoint
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    release = threading.Event()
+    real = tracking._log_staged_model
+
+    def held(*args):
+        assert release.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(tracking, "_log_staged_model", held)
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    weights, sidecar = _tiny_weights(tmp_path / "weights", 8)
+    expected = torch.load(weights, weights_only=True)
+    assert t.log_checkpoint(None, 8, {"J&F-Mean": 0.5}, [str(weights), str(sidecar)]) is None
+    _tiny_weights(tmp_path / "weights", 12)
+    checkpoint.purge_weights(tmp_path / "weights", keep=1)  # rotation while the upload is still queued
+    assert not weights.exists() and not sidecar.exists()
+    release.set()
+    t.end()
+    (record,) = _logged(tmp_path)
+    assert record["status"] == "READY" and record["iteration"] == 8
+    model = mlflow.get_logged_model(record["model_id"])
+    assert model.status.name == "READY" and model.tags["iteration"] == "8"
+    assert {(m.key, m.step) for m in model.metrics} >= {("val/JF", 8)}
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=record["model_uri"], dst_path=str(tmp_path / "dl")))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    pt = [p for p in files if p.suffix == ".pt"]
+    assert len(pt) == 1 and pt[0].name == "iter_0000008.pt"  # one copy of the weights, nothing pickled
+    assert sum(p.stat().st_size for p in files) < 1.1 * pt[0].stat().st_size
+    assert not [p for p in files if p.suffix in (".pkl", ".pth")]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = ("import sys, torch, mlflow\n"
+              "from training.logged_model import load_logged_model\n"
+              "net = load_logged_model(sys.argv[1], tracking_uri=sys.argv[2])\n"
+              "torch.save(net.state_dict(), 'via_loader.pt')\n"
+              "raw = mlflow.pyfunc.load_model(sys.argv[1]).get_raw_model()\n"
+              "torch.save(raw.state_dict(), 'via_pyfunc.pt')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run([sys.executable, "-c", script, record["model_uri"], cfg.tracking.tracking_uri],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pickle" not in proc.stderr.lower()
+    for name in ("via_loader.pt", "via_pyfunc.pt"):
+        got = torch.load(elsewhere / name, weights_only=True)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_failed_upload_is_retried_then_recorded_and_never_stops_training(cfg, tmp_path, monkeypatch, caplog):
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "UPLOAD_BACKOFF_SECONDS", 0.0)
+    cfg.tracking.upload_retries = 2
+    calls = {}
+    real = tracking._log_staged_model
+
+    def flaky(mlflow_, job, overlays):
+        calls[job["iteration"]] = calls.get(job["iteration"], 0) + 1
+        if job["iteration"] == 10 or calls[job["iteration"]] == 1:  # iteration 10 always fails, 20 fails once
+            raise ConnectionError("artifact store unreachable")
+        return real(mlflow_, job, overlays)
+
+    monkeypatch.setattr(tracking, "_log_staged_model", flaky)
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    for it, jf in ((10, 0.4), (20, 0.6)):
+        weights = tmp_path / f"iter_{it:07d}.pt"
+        torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
+        t.log_checkpoint(None, it, {"J&F-Mean": jf}, [str(weights)])
+    with caplog.at_level("WARNING", logger="training.tracking"):
+        assert t.wait_for_uploads(120)
+    t.log_metrics({"train/loss": 1.0}, step=21)  # the failed checkpoint's score reaches the run
+    t.end()
+    assert calls == {10: 3, 20: 2}  # 1 + upload_retries attempts
+    assert any("iteration 10 was NOT logged" in r.getMessage() for r in caplog.records)
+    records = {r["iteration"]: r for r in _logged(tmp_path)}
+    assert records[10]["status"] == "FAILED" and "unreachable" in records[10]["error"]
+    assert records[20]["status"] == "READY" and records[20]["attempts"] == 2
+    assert "unlogged_checkpoint" in (tmp_path / "mlflow_pending.jsonl").read_text()
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(t.run_id, "val/JF")) == [(10, 0.4), (20, 0.6)]
+    failed = mlflow.get_logged_model(records[10]["model_id"]) if records[10]["model_id"] else None
+    assert failed is None or failed.status.name == "FAILED"  # never picked by training.select
+
+
+def test_tracker_leaves_the_users_mlflow_settings_alone(cfg, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    t.end()
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "600"  # the user's value wins
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # quiet by default
+
+
+def test_upload_left_staged_by_a_killed_job_resumes_at_relaunch(cfg, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    weights = tmp_path / "iter_0000006.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
+    # What log_checkpoint leaves when the job is SIGKILLed before its upload thread ran.
+    tracking._stage(tmp_path / tracking.UPLOADS, 6, [str(weights)], None, {"val/JF": 0.3}, t.run_id, t.experiment_id)
+    mlflow.end_run("KILLED")
+
+    t2 = tracking.Tracker(cfg, rank=0, resume_run_id=t.run_id)
+    t2.end()
+    (record,) = _logged(tmp_path)
+    assert record["iteration"] == 6 and record["status"] == "READY"
+    model = mlflow.get_logged_model(record["model_id"])
+    assert model.source_run_id == t.run_id and ("val/JF", 6) in {(m.key, m.step) for m in model.metrics}

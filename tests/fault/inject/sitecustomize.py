@@ -8,6 +8,7 @@ S3VOS_FAULT      ';'-separated directives, each `what:key=value:key=value`:
   hold:save=SUBSTR:rank=R:name=N   after torch.save wrote its first file whose path contains SUBSTR on rank R
                                    (a checkpoint half on disk, before its completion marker)
   nan:forward=3,6-:rank=R          the inputs of those forward calls on rank R become NaN (a numerical fault)
+  full:save=SUBSTR:rank=R          torch.save of a path containing SUBSTR raises what torch raises on a full disk
   hold:write=REGEX:nth=K:name=N    in the K-th write() this process makes to files whose path matches REGEX
                                    (re.search): half of that write's bytes are written and flushed, then the
                                    process holds, so the file is cut mid-write (a tar, a manifest) even when its
@@ -112,6 +113,11 @@ def _patch_torch(torch) -> None:
     orig_save = torch.save
 
     def save(obj, f, *args, **kwargs):
+        for d in DIRECTIVES:
+            if d["what"] == "full" and _for_me(d) and isinstance(f, str | os.PathLike) and d["save"] in os.fspath(f):
+                # What torch.save raises when the disk fills up under it (no errno: the C++ writer's words).
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                                   f"writing file data/0: file write failed ({os.fspath(f)})")
         result = orig_save(obj, f, *args, **kwargs)
         for d in DIRECTIVES:
             if d["what"] == "hold" and _for_me(d) and "save" in d and isinstance(f, str | os.PathLike) \

@@ -282,16 +282,17 @@ class Tracker:
             log.info("resuming the MLflow upload of checkpoint iteration %d left by the previous job", job["iteration"])
             self._uploads.submit(job, {})
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", upload_wait: float = UPLOAD_WAIT_SECONDS) -> None:
+        """End the run after waiting at most `upload_wait` s for queued uploads (a job stopped before a time limit
+        passes a short wait: what is left stays staged and resumes at the relaunch)."""
         if self.enabled:
             pending = self._uploads.pending()
             if pending:
-                log.info("waiting for %d logged-model upload(s) to MLflow (at most %.0f s)", pending,
-                         UPLOAD_WAIT_SECONDS)
-            if not self._uploads.wait(UPLOAD_WAIT_SECONDS):
+                log.info("waiting for %d logged-model upload(s) to MLflow (at most %.0f s)", pending, upload_wait)
+            if not self._uploads.wait(upload_wait):
                 log.warning("%d logged-model upload(s) still unfinished after %.0f s; they stay staged in %s and "
                             "resume when the job is relaunched into this output folder",
-                            self._uploads.pending(), UPLOAD_WAIT_SECONDS, self.out / UPLOADS)
+                            self._uploads.pending(), upload_wait, self.out / UPLOADS)
             self._uploads.close()
             self.flush()
             self._call("end_run", self.mlflow.end_run, status=status)

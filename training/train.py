@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every configuration problem surfaces here, before DeepSpeed, the model or the data are touched
         cfg = load_config(args.config, args.overrides)
         split = split_global_batch(cfg, world)
+        check_model(cfg)
         resume = check_resume(cfg, args.allow_config_change)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
@@ -126,6 +127,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped ({stop.reason}) after writing a checkpoint; relaunch the same command to resume",
               file=sys.stderr)
     return 0
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """The model config loads and the weight files it reads (the ViT, the ImageNet ResNets) are there: a missing
+    file stops the job here, naming the key, not after DeepSpeed started."""
+    from model.config import load_model_config
+    from model.encoders import PIXEL_ENCODER_FILES, check_weights_file
+
+    try:
+        mc = load_model_config(cfg.model.name, cfg.model.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError("model", str(e)) from e
+    pe = mc.pixel_encoder
+    try:
+        if pe.get("init", "file") == "file" and pe.get("weights"):
+            check_weights_file(f"model {cfg.model.name}: pixel_encoder.weights", pe["weights"],
+                               PIXEL_ENCODER_FILES.get(str(pe.get("type")), ""),
+                               "set model.overrides.pixel_encoder.init=random for a random init")
+        if mc.mask_encoder.weights:
+            check_weights_file(f"model {cfg.model.name}: mask_encoder.weights", mc.mask_encoder.weights,
+                               PIXEL_ENCODER_FILES["resnet18"],
+                               "set model.overrides.mask_encoder.weights=null for a random init")
+    except FileNotFoundError as e:
+        raise ConfigError("model.overrides", str(e)) from e
 
 
 @dataclass
@@ -394,7 +419,8 @@ class Trainer:
             raise
         finally:
             bar.close()
-            self.tracker.end(status)
+            # Stopped or failed: a scheduler's grace period is short; unfinished uploads resume at the relaunch.
+            self.tracker.end(status, upload_wait=3600.0 if status == "FINISHED" else 60.0)
             if together:
                 self.dist.barrier()  # rank 0 has closed the MLflow run before any rank exits
                 self.dist.destroy_process_group()

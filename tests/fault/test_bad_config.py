@@ -88,3 +88,17 @@ def test_global_batch_the_world_size_cannot_split(good, tmp_path):
     assert not (tmp_path / "out").exists()
     proc = start([*good, "train.global_batch=6", "train.micro_batch=4"], world=3)
     assert proc.returncode == 2 and "config key 'train.micro_batch'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_missing_pretrained_weight_files_fail_at_startup_naming_the_key(good, tmp_path):
+    """The paper's `s3` reads the Depth-Anything ViT and an ImageNet ResNet-18 (the mask encoder, as Cutie): a
+    missing file stops the job before DeepSpeed, naming the key and what to put there."""
+    proc = start([*good, "model.name=s3"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model s3: pixel_encoder.weights: pretrained/depth_anything_vitb14.pth not found" in proc.stderr
+    proc = start([*good, "model.name=s3", "model.overrides={pixel_encoder: {init: random, weights: null}}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model s3: mask_encoder.weights: pretrained/resnet18.pth not found" in proc.stderr
+    assert "torchvision.models.resnet18(weights='IMAGENET1K_V1')" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

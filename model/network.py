@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.encoders import PIXEL_ENCODER_FILES, build_pixel_encoder, check_weights_file
+from model.encoders import (
+    PIXEL_ENCODER_FILES,
+    build_pixel_encoder,
+    check_pixel_encoder_file,
+    check_weights_file,
+)
 from model.modules import (
     KeyProjection,
     MaskDecoder,
@@ -52,10 +57,7 @@ class S3Network(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.mask_encoder.weights:  # checked before anything is built (the ViT takes a while)
-            check_weights_file("mask_encoder.weights", cfg.mask_encoder.weights,
-                               PIXEL_ENCODER_FILES[cfg.mask_encoder.type],
-                               "set mask_encoder.weights=null for a random init")
+        check_weight_files(cfg)  # before anything is built (the ViT takes a while)
         self.key_dim, self.value_dim = cfg.key_dim, cfg.value_dim
         self.sensory_dim, self.pixel_dim, self.embed_dim = cfg.sensory_dim, cfg.pixel_dim, cfg.embed_dim
         self.pad_to = cfg.pad_to
@@ -187,6 +189,17 @@ class S3Network(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
+
+
+def check_weight_files(cfg: ModelConfig, set_prefix: str = "") -> None:
+    """Every weight file the config reads (the pixel encoder's, the mask encoder's ImageNet ResNet) exists:
+    FileNotFoundError naming the config key and what to put there. `set_prefix` is where the user sets the keys
+    (`model.overrides.` from a training config), for the hint."""
+    check_pixel_encoder_file(cfg.pixel_encoder, set_prefix)
+    if cfg.mask_encoder.weights:
+        check_weights_file("mask_encoder.weights", cfg.mask_encoder.weights,
+                           PIXEL_ENCODER_FILES[cfg.mask_encoder.type],
+                           f"set {set_prefix}mask_encoder.weights=null for a random init")
 
 
 def build_network(cfg: ModelConfig) -> S3Network:

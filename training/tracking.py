@@ -38,7 +38,8 @@ JOB_FILE = "job.json"
 LOGGED_MODELS = "logged_models.jsonl"  # OUTPUT/logged_models.jsonl: one line per finished (or failed) upload
 UPLOAD_BACKOFF_SECONDS = 10.0  # first retry delay of an upload; doubled each retry
 UPLOAD_BACKOFF_MAX_SECONDS = 300.0
-UPLOAD_WAIT_SECONDS = 3600.0  # Tracker.end waits at most this long for queued uploads
+UPLOAD_WAIT_SECONDS = 3600.0  # Tracker.end waits at most this long for queued uploads when the run finished
+STOPPED_UPLOAD_WAIT_SECONDS = 60.0  # ... and this long when it was stopped or failed (a scheduler's grace is short)
 # Set with os.environ.setdefault when the tracker starts, so a value the user exports wins. The HTTP ones apply to
 # every request MLflow makes, metric calls on the training path and each artifact upload request alike: raise
 # MLFLOW_HTTP_REQUEST_TIMEOUT for a slow artifact store (large uploads: MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD).
@@ -282,9 +283,11 @@ class Tracker:
             log.info("resuming the MLflow upload of checkpoint iteration %d left by the previous job", job["iteration"])
             self._uploads.submit(job, {})
 
-    def end(self, status: str = "FINISHED", upload_wait: float = UPLOAD_WAIT_SECONDS) -> None:
-        """End the run after waiting at most `upload_wait` s for queued uploads (a job stopped before a time limit
-        passes a short wait: what is left stays staged and resumes at the relaunch)."""
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run after waiting for queued uploads: at most `UPLOAD_WAIT_SECONDS` when it finished,
+        `STOPPED_UPLOAD_WAIT_SECONDS` when it was stopped or failed (what is left stays staged and resumes at the
+        relaunch)."""
+        upload_wait = UPLOAD_WAIT_SECONDS if status == "FINISHED" else STOPPED_UPLOAD_WAIT_SECONDS
         if self.enabled:
             pending = self._uploads.pending()
             if pending:

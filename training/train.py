@@ -133,24 +133,14 @@ def check_model(cfg: TrainConfig) -> None:
     """The model config loads and the weight files it reads (the ViT, the ImageNet ResNets) are there: a missing
     file stops the job here, naming the key, not after DeepSpeed started."""
     from model.config import load_model_config
-    from model.encoders import PIXEL_ENCODER_FILES, check_weights_file
+    from model.network import check_weight_files
 
     try:
-        mc = load_model_config(cfg.model.name, cfg.model.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError("model", str(e)) from e
-    pe = mc.pixel_encoder
-    try:
-        if pe.get("init", "file") == "file" and pe.get("weights"):
-            check_weights_file(f"model {cfg.model.name}: pixel_encoder.weights", pe["weights"],
-                               PIXEL_ENCODER_FILES.get(str(pe.get("type")), ""),
-                               "set model.overrides.pixel_encoder.init=random for a random init")
-        if mc.mask_encoder.weights:
-            check_weights_file(f"model {cfg.model.name}: mask_encoder.weights", mc.mask_encoder.weights,
-                               PIXEL_ENCODER_FILES["resnet18"],
-                               "set model.overrides.mask_encoder.weights=null for a random init")
+        check_weight_files(load_model_config(cfg.model.name, cfg.model.overrides), set_prefix="model.overrides.")
     except FileNotFoundError as e:
-        raise ConfigError("model.overrides", str(e)) from e
+        raise ConfigError("model.overrides", f"model {cfg.model.name}: {e}") from e
+    except ValueError as e:
+        raise ConfigError("model", str(e)) from e
 
 
 @dataclass
@@ -419,8 +409,7 @@ class Trainer:
             raise
         finally:
             bar.close()
-            # Stopped or failed: a scheduler's grace period is short; unfinished uploads resume at the relaunch.
-            self.tracker.end(status, upload_wait=3600.0 if status == "FINISHED" else 60.0)
+            self.tracker.end(status)
             if together:
                 self.dist.barrier()  # rank 0 has closed the MLflow run before any rank exits
                 self.dist.destroy_process_group()

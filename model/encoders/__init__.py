@@ -29,6 +29,7 @@ __all__ = [
     "SpatialSemanticEncoder",
     "ViTFeatureEncoder",
     "build_pixel_encoder",
+    "check_pixel_encoder_file",
     "check_weights_file",
     "parse_pixel_encoder_config",
 ]
@@ -55,14 +56,22 @@ def check_weights_file(key: str, path: str | Path, what: str, alternative: str) 
                                 "happens at run time.")
 
 
+def check_pixel_encoder_file(cfg: Mapping[str, Any] | PixelEncoderConfig, set_prefix: str = "") -> None:
+    """For `init: file`, the weights file exists (FileNotFoundError naming `pixel_encoder.weights`); `set_prefix` is
+    where the user sets the key (e.g. `model.overrides.` from a training config), for the hint."""
+    parsed = parse_pixel_encoder_config(cfg)
+    if parsed.init == "file":
+        check_weights_file("pixel_encoder.weights", parsed.weights, PIXEL_ENCODER_FILES.get(parsed.type, ""),
+                           f"set {set_prefix}pixel_encoder.init=random and {set_prefix}pixel_encoder.weights=null "
+                           "for a random init")
+
+
 def build_pixel_encoder(cfg: Mapping[str, Any] | PixelEncoderConfig, drop_path: float = 0.0) -> nn.Module:
     """Build the encoder the config names and, for `init: file`, load its weights (errors name the file)."""
     if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path={drop_path!r}: expected a rate in [0, 1)")
     parsed = parse_pixel_encoder_config(cfg)
-    if parsed.init == "file":  # before building: fail fast, naming the key
-        check_weights_file("pixel_encoder.weights", parsed.weights, PIXEL_ENCODER_FILES.get(parsed.type, ""),
-                           "set pixel_encoder.init=random and pixel_encoder.weights=null for a random init")
+    check_pixel_encoder_file(parsed)  # before building: fail fast, naming the key
     if parsed.type in ("resnet50", "resnet18"):
         encoder: nn.Module = ResNetEncoder(parsed)
     elif parsed.type == "vit":

@@ -269,3 +269,42 @@ def test_upload_left_staged_by_a_killed_job_resumes_at_relaunch(cfg, tmp_path, m
     assert record["iteration"] == 6 and record["status"] == "READY"
     model = mlflow.get_logged_model(record["model_id"])
     assert model.source_run_id == t.run_id and ("val/JF", 6) in {(m.key, m.step) for m in model.metrics}
+
+
+def test_a_stopped_run_ends_after_a_short_upload_wait_and_the_relaunch_finishes_the_upload(cfg, tmp_path,
+                                                                                              monkeypatch):
+    """A job stopped before a scheduler's time limit must not sit out the hour a finished run waits for its uploads:
+    it ends KILLED after `STOPPED_UPLOAD_WAIT_SECONDS`, the upload stays staged, and the relaunch logs it."""
+    import threading
+    import time
+
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "STOPPED_UPLOAD_WAIT_SECONDS", 0.5)
+    release = threading.Event()
+    real = tracking._log_staged_model
+
+    def hung(*args):  # the artifact store does not answer while the first job is up
+        release.wait(120)
+        raise ConnectionError("artifact store did not answer")
+
+    monkeypatch.setattr(tracking, "_log_staged_model", hung)
+    cfg.tracking.upload_retries = 0
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    weights = tmp_path / "iter_0000004.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
+    t.log_checkpoint(None, 4, {"J&F-Mean": 0.5}, [str(weights)])
+    start = time.monotonic()
+    t.end("KILLED")
+    assert time.monotonic() - start < 30  # not UPLOAD_WAIT_SECONDS
+    assert MlflowClient(cfg.tracking.tracking_uri).get_run(t.run_id).info.status == "KILLED"
+    assert [p for p in (tmp_path / tracking.UPLOADS).iterdir()]  # still staged
+
+    # The process exits in a real stop (the daemon upload thread dies with it); here: a job that never finishes.
+    monkeypatch.setattr(tracking, "_log_staged_model", real)
+    t2 = tracking.Tracker(cfg, rank=0, resume_run_id=t.run_id)
+    t2.end()
+    (record,) = [r for r in _logged(tmp_path) if r["status"] == "READY"]
+    assert record["iteration"] == 4
+    release.set()

@@ -5,7 +5,12 @@
 - the first frame is drawn anywhere, then each further frame from the union of ±skip windows around the frames
   already taken (the window grows with the clip); frames are stored in time order (the loader reverses);
 - the first frame must hold at least one object; videos with fewer than 8 annotated frames are dropped;
-- the dataset mixture is proportional to annotated frames × multiplier (DAVIS ×2).
+- Cutie's frame-level weighting: Cutie draws a seed frame uniformly from every (video, frame) pair of the mixture
+  (DAVIS listed twice), so a *video's* share is its annotated frames × the dataset multiplier. The plan gives each
+  video that share of each level's clips by systematic sampling along the cumulative weights (every video gets
+  the floor or the ceiling of its quota, every dataset within one clip of its share);
+- the plan is then shuffled (seeded) so that cutting it into shards gives shards mixing datasets and videos in the
+  mixture's proportions, not one dataset per shard.
 """
 
 from __future__ import annotations
@@ -74,33 +79,65 @@ def sample_clip(video: Video, max_skip: int, rng: np.random.Generator, num_frame
     return None
 
 
+def video_weight(video: Video) -> float:
+    """Cutie's seed-frame weight of one video: annotated frames × the dataset multiplier, 0 when unusable."""
+    if not usable(video):
+        return 0.0
+    return MULTIPLIER.get(video.dataset, 1.0) * sum(bool(a) for a in video.annotated)
+
+
 def mixture_weights(videos: dict[str, list[Video]]) -> dict[str, float]:
-    raw = {d: MULTIPLIER.get(d, 1.0) * sum(sum(bool(a) for a in v.annotated) for v in vs if usable(v))
-           for d, vs in videos.items()}
+    """Each dataset's share of Cutie's mixture: its usable videos' annotated frames × multiplier, normalised."""
+    raw = {d: sum(video_weight(v) for v in vs) for d, vs in videos.items()}
     total = sum(raw.values()) or 1.0
     return {d: r / total for d, r in raw.items()}
 
 
-def plan_clips(videos: dict[str, list[Video]], clips_per_level: int, levels: dict[str, int] | None = None,
-               seed: int = 0) -> dict[str, list[ClipPlan]]:
-    """Per level, about `clips_per_level` clips spread over datasets by the mixture weights and evenly over each
-    dataset's usable videos. Deterministic in (seed, dataset, video, level, index)."""
+def level_counts(clips_per_level: int | dict[str, int], levels: dict[str, int]) -> dict[str, int]:
+    """Clips wanted per level: one number for all levels, or a number per level name."""
+    if isinstance(clips_per_level, dict):
+        missing = set(levels) - set(clips_per_level)
+        if missing:
+            raise ValueError(f"clips_per_level has no count for level(s) {sorted(missing)}")
+        return {lv: int(clips_per_level[lv]) for lv in levels}
+    return {lv: int(clips_per_level) for lv in levels}
+
+
+def allocate(weights: list[float], n: int, offset: float) -> list[int]:
+    """Systematic sampling: `n` draws at positions (j + offset) / n along the cumulative weights; item k gets the
+    draws that land in its interval, i.e. floor or ceil of n·w_k/W, and any run of consecutive items (a dataset)
+    is within one draw of its quota."""
+    total = float(sum(weights))
+    counts = [0] * len(weights)
+    if n <= 0 or total <= 0:
+        return counts
+    cum = np.cumsum(np.asarray(weights, np.float64)) / total
+    pos = (np.arange(n) + offset) / n
+    for k in np.searchsorted(cum, pos, side="right"):
+        counts[min(int(k), len(weights) - 1)] += 1
+    return counts
+
+
+def plan_clips(videos: dict[str, list[Video]], clips_per_level: int | dict[str, int],
+               levels: dict[str, int] | None = None, seed: int = 0) -> dict[str, list[ClipPlan]]:
+    """Per level, `clips_per_level` clips (or fewer, where a video gives no clip with an object in its first frame)
+    spread over the usable videos of all datasets by Cutie's frame-level weights, in a seeded shuffled order.
+    Deterministic in (seed, dataset, video, level, index)."""
     levels = levels or LEVELS
-    weights = mixture_weights(videos)
+    wanted = level_counts(clips_per_level, levels)
+    pool = [v for d in sorted(videos) for v in sorted(videos[d], key=lambda v: v.video) if usable(v)]
+    weights = [video_weight(v) for v in pool]
     out: dict[str, list[ClipPlan]] = {}
     for level, max_skip in levels.items():
+        offset = np.random.default_rng(stable_seed(seed, "offset", level)).random()
         plans = []
-        for d in sorted(videos):
-            vs = sorted((v for v in videos[d] if usable(v)), key=lambda v: v.video)
-            if not vs:
-                continue
-            want = max(len(vs), round(clips_per_level * weights[d]))
-            for j in range(want):
-                v = vs[j % len(vs)]
-                idx = j // len(vs)
-                rng = np.random.default_rng(stable_seed(seed, d, v.video, level, idx))
+        for v, n in zip(pool, allocate(weights, wanted[level], offset), strict=True):
+            for idx in range(n):
+                rng = np.random.default_rng(stable_seed(seed, v.dataset, v.video, level, idx))
                 frames = sample_clip(v, max_skip, rng)
                 if frames is not None:
-                    plans.append(ClipPlan(d, v.video, frames, max_skip, level, idx))
-        out[level] = sorted(plans, key=lambda p: p.key)
+                    plans.append(ClipPlan(v.dataset, v.video, frames, max_skip, level, idx))
+        plans.sort(key=lambda p: p.key)
+        order = np.random.default_rng(stable_seed(seed, "shuffle", level)).permutation(len(plans))
+        out[level] = [plans[i] for i in order]
     return out

@@ -1,11 +1,20 @@
 """The Ray sharding job: native datasets → 8-frame clip samples in deterministic WebDataset tars.
 
-`python -m data_pipeline.shard --config data_pipeline/configs/demo.yaml [--data-root DIR] [--out OUT] [key=value]`
+`python -m data_pipeline.shard --config data_pipeline/configs/demo.yaml [--data-root DIR] [--out OUT]
+ [--allow-missing DATASET ...] [key=value]`
+`python -m data_pipeline.shard --config ... --plan [--train-config training/configs/s3_mega.yaml] [--json]`
+
+The plan (data_pipeline.sampling) draws each level's clips over every usable video by Cutie's frame-level weights
+and shuffles them (seeded), so each shard mixes datasets and videos in the mixture's proportions. `--plan` prints,
+without writing anything, per dataset: videos found and usable, frames, clips per level, its share next to
+Cutie's, the expected reuse of each clip over the training schedule and the estimated disk size.
 
 One Ray task per shard writes OUT/<level>/shard-NNNNNN.tar through a temporary name and a rename, then
-shard-NNNNNN.stats.json (the completion marker); a rerun skips shards that have their stats. Tars are
-byte-identical across runs (sorted members, mtime 0, uid/gid 0, cv2 JPEG at a fixed quality). Bad inputs are
-recorded in OUT/manifest.json (`skipped`, `num_skipped`) and skipped; the job still exits 0.
+shard-NNNNNN.stats.json (the completion marker, with the tar's sha256); a rerun skips shards that have their stats.
+Tars are byte-identical across runs (sorted members, mtime 0, uid/gid 0, cv2 JPEG at a fixed quality). OUT/job.json
+records the config hash at start: a rerun into OUT with another config is refused, naming both hashes. A dataset
+that yields no usable video is an error unless `--allow-missing` names it. Bad inputs inside a dataset are recorded
+in OUT/manifest.json (`skipped`, `num_skipped`) and skipped; the job still exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -29,7 +39,7 @@ from tqdm import tqdm
 
 from .readers import BadInput, Video, build_reader
 from .readers.base import ids_present
-from .sampling import ClipPlan, mixture_weights, plan_clips, usable
+from .sampling import NUM_FRAMES, ClipPlan, mixture_weights, plan_clips, usable
 
 OPTIONAL = {"reader_options"}  # dataset -> reader keyword arguments (DAVIS resolution, BURST annotations, ...)
 REQUIRED = {"data_root", "out", "datasets", "levels", "clips_per_level", "clips_per_shard", "short_side",
@@ -58,9 +68,18 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
         raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
     if not cfg["data_root"] or not Path(cfg["data_root"]).is_dir():
         raise SystemExit(f"data_root {cfg['data_root']!r} is not a folder (give --data-root)")
-    for k in ("clips_per_level", "clips_per_shard", "short_side", "num_cpus"):
+    for k in ("clips_per_shard", "short_side", "num_cpus"):
         if not isinstance(cfg[k], int) or cfg[k] <= 0:
             raise SystemExit(f"config {k}={cfg[k]!r}: expected a positive int")
+    cpl = cfg["clips_per_level"]
+    counts = cpl.values() if isinstance(cpl, dict) else [cpl]
+    if not counts or not all(isinstance(n, int) and n > 0 for n in counts):
+        raise SystemExit(f"config clips_per_level={cpl!r}: expected a positive int or {{level: positive int}}")
+    if isinstance(cpl, dict) and set(cpl) != set(cfg["levels"]):
+        raise SystemExit(f"config clips_per_level names levels {sorted(cpl)}, config levels are "
+                         f"{sorted(cfg['levels'])}")
+    if not isinstance(cfg["datasets"], dict) or not cfg["datasets"]:
+        raise SystemExit(f"config datasets={cfg['datasets']!r}: expected {{dataset: folder under data_root}}")
     if not isinstance(cfg["jpeg_quality"], int) or not 1 <= cfg["jpeg_quality"] <= 100:
         raise SystemExit(f"config jpeg_quality={cfg['jpeg_quality']!r}: expected 1..100")
     for lv, skip in cfg["levels"].items():
@@ -69,9 +88,49 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
     return cfg
 
 
+PLAN_VERSION = 2  # 2: frame-weighted, shuffled plan (1: per-dataset, sorted by key); part of the config hash
+HASH_EXCLUDED = ("out", "data_root", "num_cpus")
+
+
+def hashed_config(cfg: dict) -> dict:
+    return {"plan_version": PLAN_VERSION, **{k: v for k, v in cfg.items() if k not in HASH_EXCLUDED}}
+
+
 def config_hash(cfg: dict) -> str:
-    keep = {k: v for k, v in cfg.items() if k not in ("out", "data_root", "num_cpus")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_out(out: Path, cfg: dict) -> None:
+    """Refuse to write into a folder holding shards of another config (or of an unknown one): the manifest would
+    describe data that is not there. A new config gets a new --out."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"--out {out} exists and is not a folder")
+    mine = config_hash(cfg)
+    job = out / "job.json"
+    theirs, their_cfg = None, None
+    if job.is_file():
+        try:
+            rec = json.loads(job.read_text())
+            theirs, their_cfg = rec["config_hash"], rec.get("hashed_config")
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{job} is unreadable ({e}); cannot tell which config wrote {out}") from e
+    elif (out / "manifest.json").is_file():  # written before job.json existed
+        try:
+            theirs = json.loads((out / "manifest.json").read_text())["config_hash"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{out / 'manifest.json'} is unreadable ({e}); cannot tell which config wrote {out}") from e
+    elif any(out.rglob("*.tar")):
+        raise SystemExit(f"--out {out} holds .tar files but no job.json: not written by this job; give a new --out")
+    if theirs is not None and theirs != mine:
+        changed = ""
+        if isinstance(their_cfg, dict):
+            now = hashed_config(cfg)
+            keys = sorted(k for k in set(now) | set(their_cfg) if now.get(k) != their_cfg.get(k))
+            changed = f" (changed: {', '.join(keys)})"
+        raise SystemExit(f"--out {out} holds shards of config hash {theirs}; this config's hash is {mine}{changed}. "
+                         f"Write a new config into a new --out folder (or delete {out} to rebuild it).")
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -120,21 +179,43 @@ def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int) 
     return sorted(members)
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> int:
-    """Deterministic tar at `path` via `path.tmp` + rename; returns its size."""
+class _HashingFile:
+    """A write-only file that hashes what passes through it (the tar's sha256 without reading it back)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.fh.write(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def tar_members(fileobj, members: list[tuple[str, bytes]]) -> int:
+    """Write the members as a deterministic tar; returns their payload (the bytes before the end of archive)."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(blob), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(blob))
+        return tar.offset
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[int, str]:
+    """Deterministic tar at `path` via `path.tmp` + rename; returns its size and sha256."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for name, blob in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(blob), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(blob))
+        hf = _HashingFile(fh)
+        tar_members(hf, members)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    return path.stat().st_size
+    return hf.n, hf.sha.hexdigest()
 
 
 def write_json(path: Path, obj) -> None:
@@ -162,11 +243,11 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
             skipped.append({"file": f"{spec['root']} video {video.video}", "video": video.video, "key": plan.key,
                             "reason": f"unexpected {type(e).__name__}: {e}"})
     path = Path(tar_path)
-    size = write_tar(path, members)
+    size, sha = write_tar(path, members)
     clips = len(items) - len(skipped)
     ray = sys.modules.get("ray")  # inside a Ray task: the node that wrote the shard; never starts Ray itself
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
-    stats = {"shard": path.name, "clips": clips, "bytes": size, "skipped": skipped, "node_id": node,
+    stats = {"shard": path.name, "clips": clips, "bytes": size, "sha256": sha, "skipped": skipped, "node_id": node,
              "hostname": socket.gethostname(), "seconds": round(time.time() - t0, 3),
              "source_bytes": sum(_source_bytes(spec, video, plan) for spec, video, plan in items)}
     write_json(path.with_name(path.name.replace(".tar", ".stats.json")), stats)
@@ -241,6 +322,172 @@ def list_videos(cfg: dict, ray=None, chunk: int = LIST_CHUNK
     return videos, specs, skipped
 
 
+def missing_datasets(videos: dict[str, list[Video]], skipped: list[dict], cfg: dict) -> dict[str, str]:
+    """Datasets that give no usable video, with the reason (the unreadable file, the empty folder)."""
+    out = {}
+    for d, vs in videos.items():
+        if any(usable(v) for v in vs):
+            continue
+        whole = [s for s in skipped if s.get("dataset") == d and "video" not in s]
+        if whole:
+            out[d] = f"{whole[0]['file']}: {whole[0]['reason']}"
+        elif not vs:
+            out[d] = f"no video found under {Path(cfg['data_root']) / cfg['datasets'][d]}"
+        else:
+            out[d] = f"{len(vs)} videos found, none with {NUM_FRAMES} annotated frames"
+    return out
+
+
+def check_missing(missing: dict[str, str], allow: list[str], cfg: dict) -> None:
+    unknown = sorted(set(allow) - set(cfg["datasets"]))
+    if unknown:
+        raise SystemExit(f"--allow-missing names {unknown}, not datasets of the config ({sorted(cfg['datasets'])})")
+    refused = {d: why for d, why in missing.items() if d not in allow}
+    if refused:
+        what = "; ".join(f"dataset {d} yields no usable video ({why})" for d, why in sorted(refused.items()))
+        flags = " ".join(f"--allow-missing {d}" for d in sorted(refused))
+        them = "them" if len(refused) > 1 else "it"
+        raise SystemExit(f"{what}. Fix the data (data_root {cfg['data_root']}) or give {flags} to shard without {them}.")
+
+
+# ------------------------------------------------------------------------------------------------ plan report
+
+
+def _payload_bytes(members: list[tuple[str, bytes]]) -> int:
+    """Bytes these members take inside a tar (headers, PAX records and padding), without the end of archive."""
+    return tar_members(_HashingFile(io.BytesIO()), members)
+
+
+def tar_size(payload: float) -> int:
+    """A tar's size on disk from its members' payload: two zero blocks, padded to tarfile's 10240-byte record."""
+    rec = tarfile.RECORDSIZE
+    return int(-(-(payload + 2 * tarfile.BLOCKSIZE) // rec) * rec)
+
+
+def bytes_per_clip(cfg: dict, specs: dict, by_id: dict, plans: dict[str, list[ClipPlan]], per_dataset: int = 3
+                   ) -> dict[str, float]:
+    """Mean tar payload of a clip per dataset, from encoding a few planned clips in memory."""
+    out = {}
+    level = sorted(plans)[0] if plans else None
+    for d in sorted(specs):
+        sample = [p for p in plans.get(level, []) if p.dataset == d][:per_dataset]
+        sizes = []
+        for p in sample:
+            reader = _READERS.get((d, specs[d]["root"])) or build_reader(d, specs[d]["root"], **specs[d]["options"])
+            _READERS[(d, specs[d]["root"])] = reader
+            try:
+                sizes.append(_payload_bytes(encode_clip(reader, by_id[(d, p.video)], p, cfg["short_side"],
+                                                        cfg["jpeg_quality"])))
+            except BadInput:
+                continue
+        if sizes:
+            out[d] = sum(sizes) / len(sizes)
+    return out
+
+
+def training_draws(train_config: str | Path, levels: dict[str, int]) -> dict:
+    """Clips the training schedule of `train_config` draws from each shard level (and its paste partners)."""
+    from training.config import ConfigError
+    from training.config import load_config as load_train_config
+
+    try:
+        tc = load_train_config(train_config, check_paths=False)
+    except ConfigError as e:
+        raise SystemExit(f"--train-config: {e}") from e
+    total, batch, d = tc.train.iterations, tc.train.global_batch, tc.data
+    bounds = [0] + [math.ceil(f * total) for f in d.max_skip_until[:-1]] + [total]
+    by_skip = {skip: name for name, skip in levels.items()}
+    draws: dict[str, int] = {}
+    for i, skip in enumerate(d.max_skip):
+        name = by_skip.get(skip)
+        if name is None:
+            raise SystemExit(f"--train-config {train_config}: data.max_skip uses {skip}, but the shard config has "
+                             f"no level with that skip (levels: {levels})")
+        draws[name] = draws.get(name, 0) + (bounds[i + 1] - bounds[i]) * batch
+    merge = float(d.loader.get("merge_probability", 0.5))
+    return {"train_config": str(train_config), "iterations": total, "global_batch": batch,
+            "max_skip": list(d.max_skip), "max_skip_until": list(d.max_skip_until), "merge_probability": merge,
+            "draws": draws}
+
+
+def plan_summary(cfg: dict, videos: dict[str, list[Video]], plans: dict[str, list[ClipPlan]], specs: dict,
+                 missing: dict[str, str], train: dict | None = None, estimate: bool = True) -> dict:
+    """What the job will write, per dataset and per level, before it writes anything."""
+    by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
+    cutie = mixture_weights(videos)
+    all_clips = sum(len(ps) for ps in plans.values()) or 1
+    datasets = {}
+    for d in cfg["datasets"]:
+        vs = videos.get(d, [])
+        per_level = {lv: sum(1 for p in ps if p.dataset == d) for lv, ps in sorted(plans.items())}
+        datasets[d] = {"videos": len(vs), "usable_videos": sum(map(usable, vs)),
+                       "frames": sum(len(v.frames) for v in vs),
+                       "annotated_frames": sum(sum(map(bool, v.annotated)) for v in vs),
+                       "clips": per_level, "share": sum(per_level.values()) / all_clips,
+                       "cutie_share": cutie.get(d, 0.0), "missing": missing.get(d)}
+    per = cfg["clips_per_shard"]
+    levels = {}
+    for lv, ps in sorted(plans.items()):
+        levels[lv] = {"max_skip": cfg["levels"][lv], "clips": len(ps), "shards": -(-len(ps) // per)}
+        if train:
+            n = train["draws"].get(lv, 0)
+            levels[lv]["training_draws"] = n
+            levels[lv]["reuse"] = n / len(ps) if ps else None
+            levels[lv]["reuse_with_pastes"] = n * (1 + train["merge_probability"]) / len(ps) if ps else None
+    out = {"config_hash": config_hash(cfg), "datasets": datasets, "levels": levels, "clips": all_clips,
+           "shards": sum(v["shards"] for v in levels.values()), "missing": missing, "train": train}
+    if estimate:
+        bpc = bytes_per_clip(cfg, specs, by_id, plans)
+        mean = sum(bpc.values()) / len(bpc) if bpc else 0.0
+        total = 0
+        for ps in plans.values():
+            for s in range(0, len(ps), per):
+                total += tar_size(sum(bpc.get(p.dataset, mean) for p in ps[s:s + per]))
+        out["bytes_per_clip"] = {d: round(b) for d, b in bpc.items()}
+        out["estimated_bytes"] = total
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_plan(plan: dict) -> str:
+    levels = sorted(plan["levels"])
+    head = (f"{'dataset':<11}{'videos':>8}{'usable':>8}{'frames':>10}{'annotated':>11}"
+            + "".join(f"{lv:>9}" for lv in levels) + f"{'share':>8}{'Cutie':>8}")
+    lines = [f"shard plan (config hash {plan['config_hash']})", head, "-" * len(head)]
+    for d, r in plan["datasets"].items():
+        lines.append(f"{d:<11}{r['videos']:>8}{r['usable_videos']:>8}{r['frames']:>10}{r['annotated_frames']:>11}"
+                     + "".join(f"{r['clips'].get(lv, 0):>9}" for lv in levels)
+                     + f"{100 * r['share']:>7.1f}%{100 * r['cutie_share']:>7.1f}%")
+    lines.append(f"{'total':<48}" + "".join(f"{plan['levels'][lv]['clips']:>9}" for lv in levels))
+    lines.append("share: this plan's clips; Cutie: annotated frames x multiplier (DAVIS x2), Cutie's seed-frame draw")
+    for lv in levels:
+        r = plan["levels"][lv]
+        line = f"{lv}: {r['clips']} clips in {r['shards']} shards"
+        if "reuse" in r and r["reuse"] is not None:
+            line += (f"; training draws {r['training_draws']} -> each clip used {r['reuse']:.1f}x "
+                     f"(up to {r['reuse_with_pastes']:.1f}x counting paste partners)")
+        lines.append(line)
+    if plan.get("train"):
+        t = plan["train"]
+        lines.append(f"schedule: {t['train_config']}: {t['iterations']} iterations x global batch {t['global_batch']}, "
+                     f"max_skip {t['max_skip']} until {t['max_skip_until']}")
+    else:
+        lines.append("reuse over training: give --train-config to see it")
+    if "estimated_bytes" in plan:
+        bpc = ", ".join(f"{d} {_human(b)}" for d, b in plan["bytes_per_clip"].items())
+        lines.append(f"estimated disk: {_human(plan['estimated_bytes'])} ({bpc} per clip)")
+    for d, why in sorted(plan["missing"].items()):
+        lines.append(f"MISSING: dataset {d} yields no usable video: {why}")
+    return "\n".join(lines)
+
+
 def init_ray(num_cpus: int):
     import ray
 
@@ -253,22 +500,52 @@ def init_ray(num_cpus: int):
     return ray
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: dict, allow_missing: list[str] = (), train_config: str | None = None) -> dict:
     t0 = time.time()
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.rglob("*.tmp"):  # leftovers of a killed run
-        stale.unlink()
+    check_out(out, cfg)
+    train = training_draws(train_config, cfg["levels"]) if train_config else None
     ray = init_ray(cfg["num_cpus"])
     try:
-        return _run(cfg, out, ray, t0)
+        return _run(cfg, out, ray, t0, list(allow_missing), train)
     finally:
         ray.shutdown()
 
 
-def _run(cfg: dict, out: Path, ray, t0: float) -> dict:
-    videos, specs, skipped = list_videos(cfg, ray)
+def plan_only(cfg: dict, allow_missing: list[str] = (), train_config: str | None = None, as_json: bool = False
+              ) -> dict:
+    """`--plan`: list, plan and estimate; writes nothing."""
+    train = training_draws(train_config, cfg["levels"]) if train_config else None
+    ray = init_ray(cfg["num_cpus"]) if cfg["num_cpus"] > 1 else None
+    try:
+        videos, specs, skipped = list_videos(cfg, ray)
+    finally:
+        if ray is not None:
+            ray.shutdown()
+    missing = missing_datasets(videos, skipped, cfg)
     plans = plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
+    plan = plan_summary(cfg, videos, plans, specs, missing, train)
+    plan["skipped_while_listing"] = len(skipped)
+    print(json.dumps(plan, indent=1, sort_keys=True) if as_json else format_plan(plan), flush=True)
+    with contextlib.suppress(SystemExit):
+        check_out(Path(cfg["out"]), cfg)
+        return plan
+    print(f"note: --out {cfg['out']} holds shards of another config; the job would refuse it", flush=True)
+    return plan
+
+
+def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: dict | None) -> dict:
+    videos, specs, skipped = list_videos(cfg, ray)
+    missing = missing_datasets(videos, skipped, cfg)
+    check_missing(missing, allow_missing, cfg)
+    plans = plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
+    plan = plan_summary(cfg, videos, plans, specs, missing, train, estimate=False)
+    print(format_plan(plan), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "job.json", {"config_hash": config_hash(cfg), "hashed_config": hashed_config(cfg),
+                                  "config": cfg})
+    for stale in out.rglob("*.tmp"):  # leftovers of a killed run
+        stale.unlink()
     by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
     jobs = []  # (tar path, items)
     for level in sorted(plans):
@@ -302,19 +579,23 @@ def _run(cfg: dict, out: Path, ray, t0: float) -> dict:
     total_clips = sum(s["clips"] for s in stats.values())
     total_bytes = sum(s["bytes"] for s in stats.values())
     source = sum(s.get("source_bytes", 0) for s in stats.values())
-    manifest = {"config": cfg, "config_hash": config_hash(cfg), "datasets": counts,
+    manifest = {"config": cfg, "config_hash": config_hash(cfg), "plan_version": PLAN_VERSION, "datasets": counts,
                 "mixture_weights": mixture_weights(videos), "levels": cfg["levels"],
                 "clips_per_level": {lv: sum(s["clips"] for k, s in stats.items() if k.startswith(lv + "/"))
                                     for lv in sorted(plans)},
                 "clips_per_shard": {k: s["clips"] for k, s in stats.items()},
+                "shards": {k: {"clips": s["clips"], "bytes": s["bytes"], "sha256": s.get("sha256")}
+                           for k, s in stats.items()},
                 "num_shards": len(stats), "num_clips": total_clips, "bytes": total_bytes,
-                "skipped": skipped, "num_skipped": len(skipped)}
+                "missing_datasets": missing, "plan": plan, "skipped": skipped, "num_skipped": len(skipped)}
     write_json(out / "manifest.json", manifest)
     secs = time.time() - t0
     ratio = total_bytes / source if source else float("nan")
     print(f"done: {total_clips} clips in {len(stats)} shards, {secs:.1f} s ({total_clips / max(secs, 1e-9):.1f} "
           f"clips/s), {total_bytes} bytes, {total_bytes // max(total_clips, 1)} bytes/clip, stored/source "
           f"{ratio:.2f}; skipped {len(skipped)} bad inputs (see manifest.json)", flush=True)
+    if missing:
+        print(f"datasets left out (--allow-missing): {', '.join(sorted(missing))}", flush=True)
     return manifest
 
 
@@ -323,9 +604,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--data-root")
     ap.add_argument("--out")
+    ap.add_argument("--plan", action="store_true", help="print the plan report and exit; writes nothing")
+    ap.add_argument("--json", action="store_true", help="with --plan: the report as JSON")
+    ap.add_argument("--train-config", help="a training config: the report shows each clip's reuse over its schedule")
+    ap.add_argument("--allow-missing", action="append", default=[], metavar="DATASET",
+                    help="shard without DATASET when it yields no usable video (repeatable)")
     ap.add_argument("overrides", nargs="*", help="key=value (YAML values)")
     a = ap.parse_args(argv)
-    run(load_config(a.config, a.overrides, a.data_root, a.out))
+    if a.json and not a.plan:
+        ap.error("--json goes with --plan")
+    cfg = load_config(a.config, a.overrides, a.data_root, a.out)
+    if a.plan:
+        plan = plan_only(cfg, a.allow_missing, a.train_config, a.json)
+        unknown = sorted(set(a.allow_missing) - set(cfg["datasets"]))
+        refused = sorted(set(plan["missing"]) - set(a.allow_missing))
+        if unknown or refused:
+            check_missing(plan["missing"], a.allow_missing, cfg)
+        return
+    run(cfg, a.allow_missing, a.train_config)
 
 
 if __name__ == "__main__":

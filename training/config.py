@@ -259,8 +259,10 @@ def _normalise_numbers(raw: Any) -> Any:
     return raw
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read the YAML, apply `key=value` overrides, type-check every key. Does not check the world size."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, check_paths: bool = True
+                ) -> TrainConfig:
+    """Read the YAML, apply `key=value` overrides, type-check every key. Does not check the world size;
+    `check_paths=False` leaves out the checks of files and folders (for reading a schedule only)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -274,7 +276,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = _build(TrainConfig, raw, "")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 

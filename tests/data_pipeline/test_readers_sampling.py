@@ -84,6 +84,40 @@ def test_short_videos_dropped_and_mixture(videos):
     assert len({p.key for p in plans["skip05"]}) == len(plans["skip05"])
 
 
+def test_plan_follows_cutie_frame_weighting_per_video_and_per_dataset(videos):
+    """Cutie draws a seed frame uniformly over all (video, frame) pairs, DAVIS twice: a video's share of the clips
+    is its annotated frames x multiplier. Every video gets the floor or ceiling of its quota, every dataset is
+    within 1% of its frame-weighted share, and the order is shuffled (not sorted by key) yet deterministic."""
+    from data_pipeline.sampling import video_weight
+
+    weights = mixture_weights(videos)
+    total_w = sum(video_weight(v) for vs in videos.values() for v in vs)
+    long = videos["mose"][1]  # make one video 4x longer: it must get about 4x the clips of its neighbours
+    longer = long.__class__(long.dataset, long.video, long.frames * 4, long.annotated * 4,
+                            {i: long.object_ids.get(i % len(long.frames), []) for i in range(4 * len(long.frames))})
+    skewed = {**videos, "mose": [longer if v is long else v for v in videos["mose"]]}
+    for vids in (videos, skewed):
+        weights = mixture_weights(vids)
+        total_w = sum(video_weight(v) for vs in vids.values() for v in vs)
+        for n in (64, 1000):
+            plans = plan_clips(vids, n, seed=3)
+            for level, ps in plans.items():
+                assert len(ps) == n, level  # every synthetic video gives clips with an object in frame 0
+                for d, w in weights.items():
+                    share = sum(p.dataset == d for p in ps) / n
+                    assert abs(share - w) <= max(0.01, 1 / n), (n, level, d, share, w)
+                for vs in vids.values():
+                    for v in vs:
+                        quota = n * video_weight(v) / total_w
+                        got = sum(p.dataset == v.dataset and p.video == v.video for p in ps)
+                        assert np.floor(quota) <= got <= np.ceil(quota), (v.dataset, v.video, got, quota)
+                keys = [p.key for p in ps]
+                assert keys != sorted(keys)
+    skip05 = plan_clips(skewed, 1000, seed=3)["skip05"]
+    per_video = {v.video: sum(p.dataset == "mose" and p.video == v.video for p in skip05) for v in skewed["mose"]}
+    assert per_video[long.video] > 3 * max(n for k, n in per_video.items() if k != long.video)
+
+
 def test_ovis_polygons_and_missing_images(data, tmp_path):
     import shutil
 

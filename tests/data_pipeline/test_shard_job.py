@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,13 +22,13 @@ CONFIG = ROOT / "data_pipeline" / "configs" / "demo.yaml"
 pytestmark = pytest.mark.timeout(300)
 
 
-def shard(data: Path, out: Path) -> subprocess.CompletedProcess:
+def shard(data: Path, out: Path, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", str(CONFIG), "--data-root",
-                           str(data), "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           str(data), "--out", str(out), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -110,12 +111,13 @@ def test_bad_inputs_recorded_and_skipped(data, ref, tmp_path):
     jpg.write_bytes(b"")
     (bad / "BURST/train/all_classes.json").write_text('{"sequences": [ not json')
     out = tmp_path / "shards"
-    proc = shard(bad, out)
+    proc = shard(bad, out, "--allow-missing", "burst")  # a whole dataset lost is an error without the flag
     manifest = json.loads((out / "manifest.json").read_text())
     files = {s["file"] for s in manifest["skipped"]}
     assert str(jpg) in files and str(bad / "BURST/train/all_classes.json") in files
     assert manifest["num_skipped"] == 2 and "skipped 2" in proc.stdout
     assert manifest["datasets"]["burst"]["clips"] == 0 and manifest["datasets"]["davis"]["clips"] > 0
+    assert list(manifest["missing_datasets"]) == ["burst"] and "left out (--allow-missing): burst" in proc.stdout
     names = [n for p in out.rglob("*.tar") for n in member_names(p)]
     assert names and not [n for n in names if n.startswith("davis_dtrain00_")]  # the damaged video is left out
     assert [n for n in names if n.startswith("davis_dtrain01_")]
@@ -164,3 +166,88 @@ def test_listing_in_ray_tasks_equals_the_serial_listing(data, tmp_path):
     assert flat(parallel) == flat(serial)
     assert any(s["dataset"] == "mose" and "zero-byte" in s["reason"] for s in serial[2])
     assert sum(len(v) for v in serial[0].values()) > 10
+
+
+def shard_datasets(path: Path) -> list[str]:
+    with tarfile.open(path) as t:
+        return [json.loads(t.extractfile(n).read())["dataset"] for n in t.getnames() if n.endswith(".json")]
+
+
+def test_every_shard_mixes_datasets_and_carries_its_sha256(ref):
+    """The plan is shuffled before it is cut into shards: no shard is one dataset's (or a few neighbouring
+    videos'). Each shard's stats carry the sha256 of the tar as written."""
+    manifest = json.loads((ref / "manifest.json").read_text())
+    for path in sorted(ref.rglob("*.tar")):
+        got = shard_datasets(path)
+        assert len(set(got)) > 1, f"{path} holds only {set(got)}"
+        st = json.loads(path.with_name(path.name.replace(".tar", ".stats.json")).read_text())
+        assert st["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert manifest["shards"][str(path.relative_to(ref))]["sha256"] == st["sha256"]
+
+
+def test_plan_report_equals_what_the_job_writes(data, ref):
+    """`--plan` writes nothing and predicts the job: per-dataset clips per level counted in the tars, the listing
+    counts, the shard count, the disk size within 5%, and each level's reuse over the demo schedule."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    fresh = ref.parent / "never-written"
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.shard", "--config", str(CONFIG), "--data-root",
+                           str(data), "--out", str(fresh), "--plan", "--json", "--train-config",
+                           str(ROOT / "training/configs/demo_cpu.yaml"), "num_cpus=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not fresh.exists()
+    plan = json.loads(proc.stdout)
+    manifest = json.loads((ref / "manifest.json").read_text())
+    written: dict[str, dict[str, int]] = {}
+    for path in ref.rglob("*.tar"):
+        for d in shard_datasets(path):
+            written.setdefault(d, {}).setdefault(path.parent.name, 0)
+            written[d][path.parent.name] += 1
+    for d, row in plan["datasets"].items():
+        assert {lv: n for lv, n in row["clips"].items() if n} == written[d], d
+        for k in ("videos", "usable_videos", "frames", "annotated_frames"):
+            assert row[k] == manifest["datasets"][d][k], (d, k)
+    assert plan["shards"] == manifest["num_shards"] == len(list(ref.rglob("*.tar")))
+    assert plan["clips"] == manifest["num_clips"]
+    on_disk = sum(p.stat().st_size for p in ref.rglob("*.tar"))
+    assert abs(plan["estimated_bytes"] - on_disk) < 0.05 * on_disk, (plan["estimated_bytes"], on_disk)
+    # demo_cpu.yaml: 300 iterations x global batch 4; skip05 in force for 10% + 20% of them, skip15 for 50%
+    assert plan["levels"]["skip05"]["training_draws"] == 360 and plan["levels"]["skip15"]["training_draws"] == 600
+    assert plan["levels"]["skip15"]["reuse"] == pytest.approx(600 / manifest["clips_per_level"]["skip15"])
+    assert plan["config_hash"] == manifest["config_hash"]
+
+
+def test_rerun_into_another_configs_folder_is_refused(data, ref, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(ref, out)
+    before = tars(out)
+    proc = shard(data, out, "seed=1", rc=1)
+    manifest = json.loads((ref / "manifest.json").read_text())
+    msg = proc.stderr.strip().splitlines()[-1]
+    assert manifest["config_hash"] in msg and "changed: seed" in msg and "new --out" in msg
+    other = json.loads(subprocess.run(
+        [sys.executable, "-m", "data_pipeline.shard", "--config", str(CONFIG), "--data-root", str(data), "--out",
+         str(tmp_path / "x"), "--plan", "--json", "seed=1", "num_cpus=1"], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout)["config_hash"]
+    assert other in msg and other != manifest["config_hash"]
+    assert tars(out) == before  # nothing rewritten, nothing deleted
+    (out / "job.json").unlink()
+    (out / "manifest.json").unlink()
+    proc = shard(data, out, rc=1)
+    assert "no job.json" in proc.stderr
+
+
+def test_a_dataset_that_yields_nothing_is_an_error_unless_allowed(data, tmp_path):
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    shutil.rmtree(bad / "OVIS")
+    out = tmp_path / "shards"
+    proc = shard(bad, out, rc=1)
+    msg = proc.stderr.strip().splitlines()[-1]
+    assert "dataset ovis yields no usable video" in msg and "--allow-missing ovis" in msg
+    assert not list(out.rglob("*.tar"))
+    shard(bad, out, "--allow-missing", "ovis")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["missing_datasets"]) == ["ovis"] and manifest["datasets"]["ovis"]["clips"] == 0
+    proc = shard(bad, tmp_path / "other", "--allow-missing", "coco", rc=1)
+    assert "coco" in proc.stderr

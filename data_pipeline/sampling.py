@@ -68,7 +68,7 @@ def sample_clip(video: Video, max_skip: int, rng: np.random.Generator, num_frame
         while len(taken) < num_frames:
             if not pool:  # window exhausted (short video): widen to all remaining frames
                 pool = set(range(n)) - set(taken)
-            pick = int(rng.choice(sorted(pool)))
+            pick = sorted(pool)[int(rng.integers(len(pool)))]  # = rng.choice(sorted(pool)), without its overhead
             taken.append(pick)
             pool |= set(range(max(0, pick - skip), min(n, pick + skip + 1)))
             pool -= set(taken)

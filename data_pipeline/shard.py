@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .readers import BadInput, Video, build_reader
+from .readers import READERS, BadInput, Video, build_reader
 from .readers.base import ids_present
 from .sampling import NUM_FRAMES, ClipPlan, mixture_weights, plan_clips, usable
 
@@ -158,14 +159,14 @@ def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int) 
         orig = orig or list(img.shape[:2])
         if list(img.shape[:2]) != orig:
             raise BadInput(where, f"frame size {img.shape[:2]} differs from the clip's {orig}")
-        ids = ids_present(mask)
-        if t == 0:
-            if not ids:
-                raise BadInput(where, "first frame of the clip has no object")
-            ids0 = ids
-        all_ids.update(ids)
         img = resize_short(img, short, nearest=False)
         mask = resize_short(mask, short, nearest=True)
+        ids = ids_present(mask)  # of the stored mask: an object too small to survive the resize is not listed
+        if t == 0:
+            if not ids:
+                raise BadInput(where, "first frame of the clip has no object (at the stored size)")
+            ids0 = ids
+        all_ids.update(ids)
         size = list(img.shape[:2])
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
         ok2, png = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 3])
@@ -225,6 +226,14 @@ def write_json(path: Path, obj) -> None:
 
 
 _READERS: dict = {}
+
+
+def clip_item(spec: dict, video: Video, plan: ClipPlan) -> tuple[dict, Video, ClipPlan]:
+    """A shard task's input for one clip: the video cut down to the clip's frames (the OVIS/BURST annotations of
+    8 frames, not of the whole video: a mixed shard draws from hundreds of videos) and the plan renumbered to it."""
+    idx = plan.frame_indices
+    view = video.restrict(idx, READERS[spec["dataset"]].restrict_meta(video.meta, idx))
+    return spec, view, dataclasses.replace(plan, frame_indices=tuple(range(len(idx))))
 
 
 def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: int, quality: int) -> dict:
@@ -552,8 +561,8 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
         (out / level).mkdir(exist_ok=True)
         ps = plans[level]
         for s in range(0, len(ps), cfg["clips_per_shard"]):
-            chunk = ps[s:s + cfg["clips_per_shard"]]
-            items = [(specs[p.dataset], by_id[(p.dataset, p.video)], p) for p in chunk]
+            items = [clip_item(specs[p.dataset], by_id[(p.dataset, p.video)], p)
+                     for p in ps[s:s + cfg["clips_per_shard"]]]
             jobs.append((out / level / f"shard-{s // cfg['clips_per_shard']:06d}.tar", items))
     todo = [(p, it) for p, it in jobs if not p.with_name(p.name.replace(".tar", ".stats.json")).is_file()]
     print(f"{len(jobs)} shards planned, {len(jobs) - len(todo)} already done", flush=True)

@@ -205,8 +205,12 @@ def synth_burst(root: Path, rng, videos: int, t: int, h: int, w: int) -> None:
     (base / "train" / "all_classes.json").write_text(json.dumps({"split": "train", "sequences": seqs}))
 
 
-def synthesize(out: Path, seed: int = 0, videos: int = 4, small: bool = False) -> Path:
+def synthesize(out: Path, seed: int = 0, videos: int = 4, small: bool = False,
+               size: tuple[int, int, int] | None = None) -> Path:
+    """`size` (frames, height, width) overrides the default video size (benchmarks synthesise 720p)."""
     t, h, w = (20, 120, 160) if small else (24, 192, 256)
+    if size is not None:
+        t, h, w = size
     if small:
         videos = min(videos, 3)
     for k, fn in enumerate((synth_youtubevos, synth_davis, synth_ovis, synth_mose, synth_burst)):

@@ -11,11 +11,11 @@ from PIL import Image
 
 
 def ids_present(mask: np.ndarray) -> list[int]:
-    """Sorted non-zero ids of an id map (for uint8, a histogram: several times faster than np.unique at 480p)."""
+    """Sorted non-zero ids of an id map (for uint8, OpenCV's histogram: about 2x faster than np.unique at 720p)."""
     mask = np.asarray(mask)
-    if mask.dtype != np.uint8:
+    if mask.dtype != np.uint8 or mask.ndim != 2 or not mask.size:
         return [int(v) for v in np.unique(mask) if v]
-    counts = np.bincount(mask.ravel(), minlength=256)
+    counts = cv2.calcHist([np.ascontiguousarray(mask)], [0], None, [256], [0, 256]).ravel()
     return [int(v) for v in np.flatnonzero(counts[1:]) + 1]
 
 
@@ -39,6 +39,13 @@ class Video:
     @property
     def annotated_indices(self) -> list[int]:
         return [i for i, a in enumerate(self.annotated) if a]
+
+    def restrict(self, indices: list[int] | tuple[int, ...], meta: dict) -> Video:
+        """The same video cut down to the frames `indices` (renumbered 0..n-1), with the reader's `meta` for them:
+        what a shard task needs for one clip, instead of the whole video's annotations."""
+        return Video(self.dataset, self.video, [self.frames[i] for i in indices],
+                     [self.annotated[i] for i in indices],
+                     {j: self.object_ids[i] for j, i in enumerate(indices) if i in self.object_ids}, meta)
 
 
 def read_jpeg(path: Path) -> np.ndarray:
@@ -90,6 +97,12 @@ class Reader:
 
     def read_mask(self, video: Video, frame_idx: int) -> np.ndarray:
         raise NotImplementedError
+
+    @staticmethod
+    def restrict_meta(meta: dict, indices: list[int] | tuple[int, ...]) -> dict:
+        """`Video.meta` for the frames `indices` only (renumbered 0..n-1); readers whose meta holds per-frame data
+        (OVIS and BURST annotations) cut it down."""
+        return meta
 
 
 class PngFolderReader(Reader):

@@ -57,6 +57,11 @@ class BurstReader(Reader):
                                    "dir": f"{s['dataset']}/{s['seq_name']}"}))
         return out
 
+    @staticmethod
+    def restrict_meta(meta: dict, indices) -> dict:
+        return {"names": [meta["names"][i] for i in indices], "hw": meta["hw"], "dir": meta["dir"],
+                "segs": {j: meta["segs"][i] for j, i in enumerate(indices) if i in meta["segs"]}}
+
     def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
         return read_jpeg(self.frame_dir / video.meta["dir"] / video.meta["names"][frame_idx])
 

@@ -72,6 +72,11 @@ class OvisReader(Reader):
                              meta={"files": files, "tracks": [t["segmentations"] for t in tracks], "hw": (h, w)}))
         return out
 
+    @staticmethod
+    def restrict_meta(meta: dict, indices) -> dict:
+        return {"files": [meta["files"][i] for i in indices], "hw": meta["hw"],
+                "tracks": [[segs[i] for i in indices] for segs in meta["tracks"]]}
+
     def read_image(self, video: Video, frame_idx: int) -> np.ndarray:
         return read_jpeg(self.image_dir / video.meta["files"][frame_idx])
 

@@ -134,3 +134,32 @@ def test_ovis_polygons_and_missing_images(data, tmp_path):
     reader = build_reader("ovis", root)
     assert "ovis0001" not in {v.video for v in reader.videos()}
     assert reader.problems and reader.problems[0]["file"] == str(victim)
+
+
+def test_a_shard_task_gets_only_its_clips_frames_and_writes_the_same_bytes(data, videos):
+    """A mixed shard draws from hundreds of videos: each task item carries the video cut down to the clip's 8
+    frames (OVIS/BURST annotations included), and the clip it encodes is byte-identical to the whole video's."""
+    import pickle
+
+    from data_pipeline.shard import clip_item, encode_clip
+
+    plans = plan_clips(videos, 40, seed=0)["skip10"]
+    by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
+    seen = set()
+    for p in plans:
+        if p.dataset in seen:
+            continue
+        seen.add(p.dataset)
+        full = by_id[(p.dataset, p.video)]
+        spec = {"dataset": p.dataset, "root": str(data / FOLDERS[p.dataset]), "options": {}}
+        _, view, p2 = clip_item(spec, full, p)
+        assert len(view.frames) == 8 and p2.frame_indices == tuple(range(8)) and p2.key == p.key
+        reader = build_reader(p.dataset, data / FOLDERS[p.dataset])
+        assert encode_clip(reader, view, p2, 160, 90) == encode_clip(reader, full, p, 160, 90)
+        if p.dataset == "ovis":
+            assert all(len(segs) == 8 for segs in view.meta["tracks"]) and len(view.meta["files"]) == 8
+        if p.dataset == "burst":
+            assert set(view.meta["segs"]) <= set(range(8)) and len(view.meta["names"]) == 8
+        if p.dataset in ("ovis", "burst"):
+            assert len(pickle.dumps(view)) < len(pickle.dumps(full))
+    assert seen == set(videos)

@@ -3,9 +3,12 @@
   (a) data_pipeline.loader from WebDataset shards (decode + Cutie augmentation + collate);
   (b) the same clips and augmentations read from the raw dataset folders frame by frame, as Cutie does
       (JPEGImages/<video>/<frame>.jpg + Annotations/<video>/<frame>.png, one file per frame);
-  (c) the ceiling: bare decode of 8 JPEGs + 8 PNGs per clip from the shards, no augmentation.
+  (c) bare decode of 8 JPEGs + 8 PNGs per clip from the shards (the loader's decoder), no augmentation.
 
-Prints (a)/(b) and (a)/(c). The raw folders: `--raw-root` (a DAVIS/YouTube-VOS layout, e.g. one written by
+Prints (a)/(b) and the loader against the decode cost of the clips it actually needs: a fraction f of its clips
+(those < num_objects objects, times merge_probability) also decode a paste partner, so its ceiling is
+(c)/(1 + f) and (a)/((c)/(1 + f)) says how much the augmentation, warps and collation add (1.0: nothing). The raw
+folders: `--raw-root` (a DAVIS/YouTube-VOS layout, e.g. one written by
 `python -m data_pipeline.synth`) or, by default, a generated 480p textured set under /tmp. The shards for (a) and
 (c) are written from exactly the clips (b) reads (contract format, docs/architecture.md section 2), so the only
 difference between (a) and (b) is the storage. Usage:
@@ -16,6 +19,7 @@ difference between (a) and (b) is the storage. Usage:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -30,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import augment as A  # noqa: E402
+from data_pipeline import loader as L  # noqa: E402
 from data_pipeline.loader import build_train_loader, decode_sample, scan_shard  # noqa: E402
 
 T = 8
@@ -102,15 +107,17 @@ def write_shards(raw: Path, clips, out: Path, per_shard: int = 16) -> None:
             shutil.copy(p, out / level / p.name)
 
 
-def bench_a(shards: Path, n: int, crop: int) -> float:
+def bench_a(shards: Path, n: int, crop: int) -> tuple[float, float]:
+    """(clips/s, fraction of the clips that got a paste partner)."""
     loader = build_train_loader(str(shards), batch_size=1, rank=0, world_size=1, total_iterations=10 * n,
                                 crop_size=crop, num_workers=0, seed=1)
     it = iter(loader)
     next(it)  # warm-up (shard index, first file open)
+    pasted = 0
     t0 = time.perf_counter()
     for _ in range(n):
-        next(it)
-    return n / (time.perf_counter() - t0)
+        pasted += next(it)["info"][0]["merged_from"] is not None
+    return n / (time.perf_counter() - t0), pasted / n
 
 
 def bench_b(raw: Path, clips, crop: int) -> float:
@@ -154,6 +161,32 @@ def bench_c(shards: Path, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bench_d(shards: Path, n: int, cv2_jpeg: bool = False) -> float:
+    """The same bare decode with PIL, as Cutie's loader decodes (Image.open(...).convert("RGB"), palette PNGs); with
+    `cv2_jpeg`, JPEGs through cv2.imdecode + BGR→RGB (this loader's decoder before simplejpeg)."""
+    tars = sorted((shards / "skip05").glob("*.tar"))
+    items = [(p, key, fields) for p in tars for key, fields in scan_shard(p)]
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        for p, _key, fields in items:
+            with open(p, "rb") as fh:
+                for t in range(T):
+                    for ext in ("jpg", "png"):
+                        off, size = fields[f"{t:02d}.{ext}"]
+                        fh.seek(off)
+                        if cv2_jpeg and ext == "jpg":
+                            cv2.cvtColor(cv2.imdecode(np.frombuffer(fh.read(size), np.uint8), cv2.IMREAD_COLOR),
+                                         cv2.COLOR_BGR2RGB)
+                            continue
+                        with Image.open(io.BytesIO(fh.read(size))) as im:
+                            np.asarray(im.convert("RGB") if ext == "jpg" else im)
+            done += 1
+            if done == n:
+                break
+    return n / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw-root", type=Path, default=None, help="DAVIS/YouTube-VOS layout folder (default: generated)")
@@ -176,12 +209,20 @@ def main(argv=None) -> int:
     h, w = np.asarray(Image.open(raw / "Annotations" / clips[0][0] / f"{clips[0][1][0]}.png")).shape
     print(f"{len(clips)} clips of {T} frames at {w}x{h}, crop {args.crop}, one process, OMP/cv2 threads 1")
     c = bench_c(shards, len(clips))
-    a = bench_a(shards, len(clips), args.crop)
+    d = bench_d(shards, len(clips))
+    e = bench_d(shards, len(clips), cv2_jpeg=True)
+    a, pasted = bench_a(shards, len(clips), args.crop)
     b = bench_b(raw, clips, args.crop)
-    print(f"(a) loader from shards           : {a:7.2f} clips/s per worker")
+    decoder = "simplejpeg" if L.simplejpeg is not None else "cv2"
+    print(f"(a) loader from shards           : {a:7.2f} clips/s per worker ({pasted:.2f} of them pasted a partner)")
     print(f"(b) raw folders, frame by frame  : {b:7.2f} clips/s per worker")
-    print(f"(c) bare decode 8 JPEG + 8 PNG    : {c:7.2f} clips/s per worker")
-    print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.2f}")
+    print(f"(c) bare decode 8 JPEG + 8 PNG   : {c:7.2f} clips/s per worker (JPEG: {decoder})")
+    print(f"(d) the same decode with PIL     : {d:7.2f} clips/s per worker (Cutie's decoder)")
+    print(f"(e) the same decode with cv2     : {e:7.2f} clips/s per worker (this loader's decoder before)")
+    print(f"decode of the clips (a) needs, 1 + {pasted:.2f} per clip: {c / (1 + pasted):.2f} clips/s with (c), "
+          f"{d / (1 + pasted):.2f} with (d), {e / (1 + pasted):.2f} with (e)")
+    print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.2f}   (a) against the decode it needs (target >= 0.8): "
+          f"{a * (1 + pasted) / c:.2f} with (c), {a * (1 + pasted) / d:.2f} with (d), {a * (1 + pasted) / e:.2f} with (e)")
     return 0
 
 

@@ -4,6 +4,11 @@ Everything works on numpy arrays with OpenCV: frames (T, H, W, 3) uint8 RGB, mas
 All randomness comes from the `numpy.random.Generator` passed in, so a clip's augmentation is a pure function of
 its seed. One geometric transform (flip ∘ affine ∘ random-resized-crop) is composed into a single 2×3 matrix and
 applied to every frame (bilinear) and every mask (nearest), so image and mask always move together.
+
+The transform is drawn from the masks alone (`draw_clip_geometry`), so a loader can decide what to decode after
+the draw: `decode_reduction` says by how much a frame may be decoded smaller (JPEG DCT scaling) without the warp
+upsampling it, and `reduced_matrix` maps the reduced frame onto the same output. `paste_boxes` / `paste` merge a
+second clip given only its warped pixels inside its objects' boxes.
 """
 
 from __future__ import annotations
@@ -13,8 +18,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
-from .readers.base import ids_present
 
 IM_MEAN = (124, 116, 104)  # Cutie's fill colour for pixels the affine brings in from outside the frame
 
@@ -53,6 +56,16 @@ class AugmentParams:
 
 class NoObjectError(ValueError):
     """No geometric draw kept an object in frame 0 (or frame 0 has none to begin with)."""
+
+
+def ids_in(mask: np.ndarray) -> list[int]:
+    """Sorted non-zero ids of a uint8 id map of any shape (a 256-bin histogram; faster than np.bincount)."""
+    mask = np.ascontiguousarray(mask)
+    if mask.dtype != np.uint8 or mask.size == 0:
+        return [int(v) for v in np.unique(mask) if v]
+    flat = mask.reshape(-1, mask.shape[-1]) if mask.ndim > 1 else mask.reshape(1, -1)
+    hist = cv2.calcHist([flat], [0], None, [256], [0, 256]).ravel()
+    return [int(v) for v in np.flatnonzero(hist[1:]) + 1]
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -99,30 +112,67 @@ def warp_mask(mask: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
                           borderValue=0)
 
 
-def warp_image(img: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
-    return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+def warp_image(img: np.ndarray, m: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Bilinear warp to (size, size), or to (width, height) when `size` is a pair; into `out` when given."""
+    dsize = size if isinstance(size, tuple) else (size, size)
+    return cv2.warpAffine(img, m, dsize, dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=IM_MEAN)
+
+
+def decode_reduction(m: np.ndarray, h: int, w: int, limit: int = 8) -> int:
+    """Largest r in {1, 2, 4, 8} (<= limit) such that a frame decoded at 1/r of its (h, w) still holds at least one
+    pixel per output pixel in every direction (the warp never upsamples it): then warping the reduced frame with
+    `reduced_matrix(m, r)` equals warping the full one up to resampling error. r also keeps the reduced frame >= 8 px."""
+    smax = float(np.linalg.svd(np.asarray(m, np.float64)[:, :2], compute_uv=False)[0])  # output px per source px
+    r = 1
+    while 2 * r <= limit and smax * 2 * r <= 1.0 and min(h, w) >= 16 * r:
+        r *= 2
+    return r
+
+
+def reduced_matrix(m: np.ndarray, r: int) -> np.ndarray:
+    """`m` for a frame decoded at 1/r by JPEG DCT scaling: reduced pixel j covers source pixels [r j, r j + r), its
+    centre is source r j + (r - 1) / 2."""
+    if r == 1:
+        return m
+    up = np.array([[r, 0.0, (r - 1) / 2.0], [0.0, r, (r - 1) / 2.0], [0.0, 0.0, 1.0]])
+    return np.asarray(m, np.float64) @ up
+
+
+def draw_clip_geometry(rng: np.random.Generator, masks: np.ndarray, p: AugmentParams,
+                       objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The clip's shared transform, drawn from its masks alone: (2×3 matrix, warped masks (T, crop, crop)). Redrawn
+    up to `crop_tries` times until frame 0 keeps one of `objects` (default: any non-zero id). Raises
+    NoObjectError when no draw does."""
+    t, h, w = masks.shape
+    for _ in range(p.crop_tries):
+        m = draw_geometry(rng, h, w, p)
+        m0 = warp_mask(masks[0], m, p.crop_size)
+        keep = np.isin(m0, objects) if objects is not None else m0.any()
+        if np.any(keep):
+            out_masks = np.empty((t, p.crop_size, p.crop_size), np.uint8)
+            out_masks[0] = m0
+            for i in range(1, t):
+                out_masks[i] = warp_mask(masks[i], m, p.crop_size)
+            return m, out_masks
+    raise NoObjectError(f"no object left in frame 0 after {p.crop_tries} crop tries")
+
+
+def warp_frames(frames, m: np.ndarray, size: int) -> np.ndarray:
+    """Every frame (T, H, W, 3) through the one transform `m`: (T, size, size, 3) uint8."""
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    for i, f in enumerate(frames):
+        warp_image(f, m, size, out=out[i])
+    return out
 
 
 def geometric(rng: np.random.Generator, frames: np.ndarray, masks: np.ndarray, p: AugmentParams,
               objects: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Shared transform for all frames; redrawn up to `crop_tries` times until frame 0 keeps one of `objects`
     (default: any non-zero id). Raises NoObjectError when no draw does."""
-    t, h, w = masks.shape
-    for _ in range(p.crop_tries):
-        m = draw_geometry(rng, h, w, p)
-        m0 = warp_mask(masks[0], m, p.crop_size)
-        keep = np.isin(m0, objects) if objects is not None else m0 > 0
-        if keep.any():
-            out_masks = np.empty((t, p.crop_size, p.crop_size), np.uint8)
-            out_masks[0] = m0
-            out_frames = np.empty((t, p.crop_size, p.crop_size, 3), np.uint8)
-            for i in range(t):
-                if i:
-                    out_masks[i] = warp_mask(masks[i], m, p.crop_size)
-                out_frames[i] = warp_image(frames[i], m, p.crop_size)
-            return out_frames, out_masks
-    raise NoObjectError(f"no object left in frame 0 after {p.crop_tries} crop tries")
+    m, out_masks = draw_clip_geometry(rng, masks, p, objects)
+    return warp_frames(frames, m, p.crop_size), out_masks
 
 
 # ----------------------------------------------------------------------------------------------- colour
@@ -142,9 +192,11 @@ def colour_matrix(b: float, c: float, s: float, mean_rgb: np.ndarray) -> np.ndar
     return np.concatenate([m, offset[:, None]], axis=1)
 
 
-def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams) -> np.ndarray:
-    """uint8 (T, H, W, 3) → float32 (T, 3, H, W) (channels first, as the batch) in [0, 1]: per-clip and per-frame colour jitter (composed into one
-    affine colour map per frame, run by OpenCV on uint8) and per-clip random grayscale."""
+def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, out: np.ndarray | None = None
+           ) -> np.ndarray:
+    """uint8 (T, H, W, 3) → float32 (T, 3, H, W) (channels first, as the batch) in [0, 1]: per-clip and per-frame
+    colour jitter (composed into one affine colour map per frame, run by OpenCV on uint8) and per-clip random
+    grayscale. `out`: where to write (e.g. the clip's slot of the batch tensor)."""
     t = frames_u8.shape[0]
 
     def factors(spread: tuple[float, float, float], n: int) -> np.ndarray:
@@ -154,60 +206,121 @@ def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams) ->
     per_frame = factors(p.frame_jitter, t)
     gray = rng.random() < p.grayscale_probability
     n, h, w, _ = frames_u8.shape
-    out = np.empty((n, 3, h, w), np.float32)
+    if out is None:
+        out = np.empty((n, 3, h, w), np.float32)
+    scale = np.float32(1.0 / 255.0)
+    # scratch reused by every frame (fresh OpenCV outputs per frame cost more than the arithmetic)
+    jittered = np.empty((h, w, 3), np.uint8)
+    planes = [np.empty((h, w), np.uint8) for _ in range(3)]
+    grey = planes[0]
     for i in range(t):
-        f = frames_u8[i]
+        f = np.ascontiguousarray(frames_u8[i])
         b, c, s = clip * per_frame[i]
         if (b, c, s) != (1.0, 1.0, 1.0):
             mean_rgb = np.array(cv2.mean(f)[:3])
-            f = cv2.transform(f, colour_matrix(b, c, s, mean_rgb))
+            f = cv2.transform(f, colour_matrix(b, c, s, mean_rgb), dst=jittered)
         if gray:
-            f = cv2.cvtColor(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-        np.multiply(f.transpose(2, 0, 1), np.float32(1.0 / 255.0), out=out[i], casting="unsafe")
+            cv2.cvtColor(f, cv2.COLOR_RGB2GRAY, dst=grey)
+            np.multiply(grey, scale, out=out[i, 0], casting="unsafe")
+            out[i, 1] = out[i, 0]
+            out[i, 2] = out[i, 0]
+            continue
+        for ch, plane in enumerate(cv2.split(f, planes)):  # contiguous planes: a strided transpose is slower
+            np.multiply(plane, scale, out=out[i, ch], casting="unsafe")
     return out
 
 
 # ----------------------------------------------------------------------------------------------- merge
 
 
-def merge(frames: np.ndarray, masks: np.ndarray, frames2: np.ndarray, masks2: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
-    """Paste clip 2's objects over clip 1 through a Gaussian-blurred (5×5, σ 1) alpha; returns the merged clip and
-    {old id in clip 2: new id} (Cutie's `(l2 + 10) % 255`, bumped until unique)."""
-    used = {0, *ids_present(masks)}
+BLUR_RADIUS = 2  # the alpha's 5×5 Gaussian
+
+
+def paste_boxes(masks2: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+    """Per frame of clip 2's (warped) masks: the box (y0, y1, x0, x1) of its objects grown by the blur radius, the
+    only pixels a paste changes; None where the frame has no object (nothing of clip 2 is needed there)."""
+    h, w = masks2.shape[1:]
+    boxes: list[tuple[int, int, int, int] | None] = []
+    for m in masks2:
+        rows = np.flatnonzero(m.any(axis=1))
+        if not len(rows):
+            boxes.append(None)
+            continue
+        cols = np.flatnonzero(m[rows[0]:rows[-1] + 1].any(axis=0))
+        boxes.append((max(0, int(rows[0]) - BLUR_RADIUS), min(h, int(rows[-1]) + BLUR_RADIUS + 1),
+                      max(0, int(cols[0]) - BLUR_RADIUS), min(w, int(cols[-1]) + BLUR_RADIUS + 1)))
+    return boxes
+
+
+def paste(frames: np.ndarray, masks: np.ndarray, masks2: np.ndarray, patches: list[np.ndarray | None],
+          boxes: list[tuple[int, int, int, int] | None]) -> dict[int, int]:
+    """In place: paste clip 2's objects over clip 1 through a Gaussian-blurred (5×5, σ 1) alpha. `patches[i]` is
+    clip 2's warped frame i inside `boxes[i]` (from `paste_boxes(masks2)`). Returns {old id in clip 2: new id}
+    (Cutie's `(l2 + 10) % 255`, bumped until unique)."""
+    h, w = masks.shape[1:]
+    ids2: set[int] = set()
+    for m2, box in zip(masks2, boxes, strict=True):
+        if box is not None:
+            ids2.update(ids_in(m2[box[0]:box[1], box[2]:box[3]]))
+    if not ids2:
+        return {}
+    known: dict[int, bool] = {0: True}  # id -> taken (in clip 1 or given out here); clip 1 is asked id by id
+
+    def taken(v: int) -> bool:
+        if v not in known:
+            known[v] = bool((masks == v).any())  # a compare is ~30x cheaper than histogramming the clip
+        return known[v]
+
     mapping: dict[int, int] = {}
-    for old in ids_present(masks2):
+    for old in sorted(ids2):
         new = (old + 10) % 255
-        while new == 0 or new in used:
+        while taken(new):
             new = (new + 1) % 255
-        used.add(new)
+        known[new] = True
         mapping[old] = new
     lut = np.zeros(256, np.uint8)
     for old, new in mapping.items():
         lut[old] = new
-    out_f = frames.copy()
-    out_m = masks.copy()
-    h, w = masks.shape[1:]
-    for i in range(frames.shape[0]):
-        fg = masks2[i] > 0
-        rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
-        if not len(rows):
+    r2 = 2 * BLUR_RADIUS
+    for i, box in enumerate(boxes):
+        if box is None:
             continue
-        # blend only the objects' bounding box grown by the blur radius: alpha is 0 elsewhere
-        y0, y1 = max(0, rows[0] - 2), min(h, rows[-1] + 3)
-        x0, x1 = max(0, cols[0] - 2), min(w, cols[-1] + 3)
-        alpha = cv2.GaussianBlur(fg.astype(np.float32), (5, 5), 1.0)[y0:y1, x0:x1, None]
-        a, b = frames[i, y0:y1, x0:x1], frames2[i, y0:y1, x0:x1]
-        out_f[i, y0:y1, x0:x1] = (a * (1.0 - alpha) + b * alpha + 0.5).astype(np.uint8)
-        out_m[i][fg] = lut[masks2[i][fg]]
+        y0, y1, x0, x1 = box
+        # the blur of the whole frame, computed on the box grown by the kernel radius (same border handling)
+        oy0, oy1, ox0, ox1 = max(0, y0 - BLUR_RADIUS), min(h, y1 + BLUR_RADIUS), max(0, x0 - BLUR_RADIUS), \
+            min(w, x1 + BLUR_RADIUS)
+        if oy1 - oy0 <= r2 or ox1 - ox0 <= r2:  # too thin for the sub-image blur to match: blur the frame
+            oy0, oy1, ox0, ox1 = 0, h, 0, w
+        fg = (masks2[i, oy0:oy1, ox0:ox1] > 0).astype(np.float32)
+        alpha = cv2.GaussianBlur(fg, (5, 5), 1.0)[y0 - oy0:y1 - oy0, x0 - ox0:x1 - ox0]
+        a = frames[i, y0:y1, x0:x1]
+        blended = cv2.blendLinear(a, np.ascontiguousarray(patches[i]), np.ascontiguousarray(1.0 - alpha),
+                                  np.ascontiguousarray(alpha))
+        a[...] = blended
+        m2 = masks2[i, y0:y1, x0:x1]
+        fgb = m2 > 0
+        masks[i, y0:y1, x0:x1][fgb] = lut[m2[fgb]]
+    return mapping
+
+
+def merge(frames: np.ndarray, masks: np.ndarray, frames2: np.ndarray, masks2: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """Paste clip 2's objects over clip 1 through a Gaussian-blurred (5×5, σ 1) alpha; returns the merged clip and
+    {old id in clip 2: new id} (Cutie's `(l2 + 10) % 255`, bumped until unique). Inputs are not modified."""
+    out_f, out_m = frames.copy(), masks.copy()
+    boxes = paste_boxes(masks2)
+    patches = [None if b is None else frames2[i, b[0]:b[1], b[2]:b[3]] for i, b in enumerate(boxes)]
+    mapping = paste(out_f, out_m, masks2, patches, boxes)
     return out_f, out_m, mapping
 
 
 # ----------------------------------------------------------------------------------------------- a clip
 
 
-def choose_objects(rng: np.random.Generator, first_mask: np.ndarray, num_objects: int) -> list[int]:
-    present = ids_present(first_mask)
+def choose_objects(rng: np.random.Generator, first_mask: np.ndarray, num_objects: int,
+                   present: list[int] | None = None) -> list[int]:
+    """Up to `num_objects` of frame 0's ids, in random order. `present`: those ids when already known."""
+    present = ids_in(first_mask) if present is None else list(present)
     if len(present) > num_objects:
         present = [present[i] for i in rng.choice(len(present), num_objects, replace=False)]
     else:
@@ -215,16 +328,24 @@ def choose_objects(rng: np.random.Generator, first_mask: np.ndarray, num_objects
     return present
 
 
-def maybe_reverse(rng: np.random.Generator, frames: np.ndarray, masks: np.ndarray, p: AugmentParams):
-    """Time reversal with probability p; kept forward when the reversed first frame has no object."""
+def maybe_reverse(rng: np.random.Generator, frames, masks: np.ndarray, p: AugmentParams):
+    """Time reversal with probability p; kept forward when the reversed first frame has no object. `frames` may be
+    any sequence (the decoded frames, or the order in which to decode them)."""
     if rng.random() < p.reverse_probability and masks[-1].any():
         return frames[::-1], masks[::-1], True
     return frames, masks, False
 
 
-def slot_maps(masks: np.ndarray, objects: list[int]) -> np.ndarray:
+def slot_maps(masks: np.ndarray, objects: list[int], out: np.ndarray | None = None) -> np.ndarray:
     """(T, H, W) object ids → (T, H, W) uint8 slot ids 1..N for the chosen objects, 0 elsewhere."""
     lut = np.zeros(256, np.uint8)
     for k, obj in enumerate(objects, start=1):
         lut[obj] = k
-    return lut[masks]
+    src = np.ascontiguousarray(masks)
+    res = cv2.LUT(src.reshape(-1, src.shape[-1]), lut,
+                  dst=out.reshape(-1, src.shape[-1]) if out is not None and out.flags.c_contiguous else None)
+    if out is None:
+        return res.reshape(src.shape)
+    if not np.shares_memory(res, out):
+        out[...] = res.reshape(src.shape)
+    return out

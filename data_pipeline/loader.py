@@ -13,15 +13,34 @@ draws the very batches the uninterrupted one would have drawn.
   (seed, rank, lane, level, block, visit) and reads that shard's samples in a seeded random order. Batch `i`
   takes the next `batch_size` clips of its lane's stream; resuming re-derives the position by arithmetic and
   skips forward reading tar headers only.
-* Shards are read with `tarfile` on the local file with seeks (WebDataset's key/extension rule: the key is the
-  basename before the first dot), only `NN.jpg`, `NN.png` and `json` members are ever read: nothing is unpickled.
-* A malformed sample is replaced by the next good one of the same shard visit, a truncated shard is dropped;
-  both are logged with a warning naming the sample/shard and counted (`stats()`, `state_dict()["skipped"]`).
+* Paste partners (Cutie's merge of a second clip, `merge_probability`): per (level, block) a lane draws a *paste
+  pool* of `paste_pool_shards` shards of the level (without replacement; all of them when the level has fewer)
+  with an RNG seeded by (seed, rank, lane, level, block). A clip's partner is drawn with the clip's own RNG from
+  the pool's samples of another video (`{dataset}_{video}` of the key), failing that of another key, failing that
+  there is no merge; a bad candidate passes to the next one (at most PARTNER_TRIES). `info["merged_from"]` /
+  `info["merged_shard"]` name the partner.
+* Decoding follows the draws: a clip's PNG masks are decoded first, its geometry is drawn from them, and only then
+  are its JPEGs decoded (simplejpeg/libjpeg-turbo, cv2 if simplejpeg is missing), at 1/2, 1/4 or 1/8 size by DCT
+  scaling when the warp downsamples at least that much (`augment.decode_reduction`). A partner's frames are
+  decoded only where its objects land in the crop, and warped only inside their boxes.
+* Shards are read on the local file with seeks: their headers are walked once per lane (ustar/pax headers read
+  directly, `tarfile` for anything unusual; WebDataset's key/extension rule: the key is the basename before the
+  first dot), only `NN.jpg`, `NN.png` and `json` members are ever read: nothing is unpickled.
+* A malformed sample is replaced by the next good one of the same shard visit (a sample whose JPEG turns out
+  undecodable after the geometry draw is replaced the same way, with the clip's RNG rewound, so the batch does
+  not depend on whether the lane already knew it was bad; a paste candidate is judged on the frames it would
+  give), a truncated shard is dropped; both are logged with a warning naming the sample/shard and counted
+  (`stats()`, `state_dict()["skipped"]`).
+* `verify_shards`: start-up requires every shard's `shard-NNNNNN.stats.json` with its `sha256`; each lane hashes a
+  shard the first time it indexes it and drops one whose hash differs (warning naming both hashes, counted like a
+  truncated shard in `skipped` and `stats()["bad_shards"]`): silent corruption (a changed byte in pixel data) is
+  otherwise invisible to the cheap tar checks.
 * `build_eval_loader` is a finite, non-resampled `webdataset.WebDataset` split by node and worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -43,11 +62,18 @@ from PIL import Image
 from data_pipeline import augment as A
 from data_pipeline.readers.base import ids_present
 
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a dependency; cv2 (also libjpeg-turbo, but slower here) stands in
+    simplejpeg = None
+
 log = logging.getLogger("data_pipeline.loader")
 
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset tariterators.base_plus_ext
 FIELD_RE = re.compile(r"^(?:(\d+)\.(jpg|png)|json)$")
 LEVELS_DIR = "skip{:02d}"
+PARTNER_TRIES = 8  # paste-partner candidates tried before a clip goes unmerged
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BadSample(ValueError):
@@ -92,6 +118,23 @@ def shard_end_ok(path: Path) -> str | None:
 
 def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Headers only: [(key, {field: (data offset, size)})] in tar order. Raises BadShard when truncated."""
+    fast = _scan_plain(path)
+    return fast if fast is not None else _scan_tarfile(path)
+
+
+def _add_member(samples: list, name: str, offset: int, size: int) -> None:
+    mt = KEY_RE.match(name)
+    if not mt:
+        return
+    key, field = mt.group(1), mt.group(2).lower()
+    if not FIELD_RE.match(field):
+        return  # never read members the project does not write (.pyd, .pth, ...)
+    if not samples or samples[-1][0] != key:
+        samples.append((key, {}))
+    samples[-1][1][field] = (offset, size)
+
+
+def _scan_tarfile(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     size = path.stat().st_size
     try:
@@ -101,22 +144,206 @@ def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                     continue
                 if m.offset_data + m.size > size:
                     raise BadShard(f"member {m.name} runs past the end of the file (truncated)")
-                mt = KEY_RE.match(m.name)
-                if not mt:
-                    continue
-                key, field = mt.group(1), mt.group(2).lower()
-                if not FIELD_RE.match(field):
-                    continue  # never read members the project does not write (.pyd, .pth, ...)
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][field] = (m.offset_data, m.size)
+                _add_member(samples, m.name, m.offset_data, m.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise BadShard(f"{type(e).__name__}: {e}") from e
     return samples
 
 
-def decode_sample(fh, key: str, fields: dict[str, tuple[int, int]], num_frames: int):
-    """Read and check one clip: (frames uint8 (T,H,W,3) RGB, masks uint8 (T,H,W), meta). Raises BadSample."""
+_ZERO_BLOCK = bytes(512)
+
+
+def _scan_plain(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
+    """`_scan_tarfile`'s answer for a tar of plain ustar file members (optionally with pax path/size records), as
+    the shard job writes, at several times its speed (one pread per member, no TarInfo objects). None, for
+    `tarfile` to decide, on anything else (other member types, GNU headers, base-256 sizes, bad checksums, a short
+    header)."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise BadShard(f"{type(e).__name__}: {e}") from e
+    try:
+        size = os.fstat(fd).st_size
+        off = 0
+        pax: dict[str, str] = {}
+        while True:
+            h = os.pread(fd, 512, off)
+            if len(h) < 512:
+                return None
+            if h == _ZERO_BLOCK:
+                return samples
+            if h[124] & 0x80 or h[148:156].strip(b"\0 ") == b"":
+                return None
+            n = int(h[124:136].rstrip(b"\0 ").strip() or b"0", 8)
+            chksum = int(h[148:156].rstrip(b"\0 ").strip(), 8)
+            if chksum != 256 + sum(h[:148]) + sum(h[156:]):
+                return None
+            kind = h[156:157]
+            if kind == b"x":
+                if off + 512 + n > size:
+                    return None
+                pax = _pax_records(os.pread(fd, n, off + 512))
+                if pax is None:
+                    return None
+                off += 512 + -(-n // 512) * 512
+                continue
+            if kind not in (b"0", b"\0", b"7"):
+                return None
+            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if prefix:
+                name = prefix + "/" + name
+            if pax:
+                name = pax.get("path", name)
+                n = int(pax["size"]) if "size" in pax else n
+                pax = {}
+            if kind == b"\0" and name.endswith("/"):
+                return None  # a directory in old style
+            if off + 512 + n > size:
+                raise BadShard(f"member {name} runs past the end of the file (truncated)")
+            _add_member(samples, name, off + 512, n)
+            off += 512 + -(-n // 512) * 512
+    except BadShard:
+        raise
+    except (ValueError, UnicodeDecodeError):  # an unparsable number or name: tarfile says what is wrong
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pax_records(data: bytes) -> dict[str, str] | None:
+    """The records of a pax extended header, or None when they say anything but a member's path, size or times."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        sp = data.index(b" ", pos)
+        length = int(data[pos:sp])
+        record = data[sp + 1:pos + length - 1]  # without the trailing newline
+        if length <= 0 or data[pos + length - 1:pos + length] != b"\n":
+            return None
+        k, v = record.split(b"=", 1)
+        key = k.decode("utf-8")
+        if key in ("path", "size"):
+            out[key] = v.decode("utf-8", "surrogateescape")
+        elif key not in ("mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment"):
+            return None
+        pos += length
+    return out
+
+
+def stats_path(shard: Path) -> Path:
+    """shard-NNNNNN.tar → shard-NNNNNN.stats.json (written by data_pipeline.shard after the tar)."""
+    return shard.with_name(shard.name.replace(".tar", ".stats.json"))
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's SOF marker, None when there is none before the scan."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        if marker == 0xDA:
+            return None
+        i += 2 + length
+    return None
+
+
+def jpeg_size(data: bytes, name: str) -> tuple[int, int]:
+    """(height, width) from the JPEG header; BadSample when it is not a JPEG."""
+    if simplejpeg is not None:
+        try:
+            h, w = simplejpeg.decode_jpeg_header(data)[:2]
+            return int(h), int(w)
+        except ValueError as e:
+            raise BadSample(f"{name} is not a decodable JPEG: {e}") from e
+    size = _jpeg_size(data)
+    if size is None or min(size) < 1:
+        raise BadSample(f"{name} is not a decodable JPEG (no frame header)")
+    return size
+
+
+_CV2_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_jpeg(data: bytes, name: str, size: tuple[int, int], reduce: int = 1, buffer: np.ndarray | None = None
+                ) -> np.ndarray:
+    """RGB uint8 (ceil(h / reduce), ceil(w / reduce), 3) of a JPEG whose header says `size` = (h, w); `reduce` in
+    {1, 2, 4, 8} decodes smaller by DCT scaling. `buffer`: a writable contiguous uint8 array of at least that many
+    bytes to decode into (the result is then a view of it: no fresh memory per frame). BadSample when undecodable
+    (simplejpeg: also on corrupt data that libjpeg only warns about)."""
+    h, w = size
+    want = (-(-h // reduce), -(-w // reduce))
+    if simplejpeg is not None:
+        kw: dict[str, Any] = {"min_height": want[0], "min_width": want[1]} if reduce > 1 else {}
+        if buffer is not None and buffer.nbytes >= want[0] * want[1] * 3:
+            kw["buffer"] = buffer
+        try:
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
+        except ValueError as e:
+            raise BadSample(f"{name} is not a decodable JPEG: {e}") from e
+    else:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_REDUCED[reduce])
+        if bgr is None:
+            raise BadSample(f"{name} is not a decodable JPEG")
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if img.shape[:2] != want:
+        raise BadSample(f"{name} decodes to {img.shape[1]}x{img.shape[0]}, its header says {w}x{h} (at 1/{reduce}: "
+                        f"{want[1]}x{want[0]})")
+    return img
+
+
+def decode_png_mask(data: bytes, name: str) -> np.ndarray:
+    """uint8 (H, W) ids of a single-channel PNG (8-bit grey via cv2, palette and others via PIL); BadSample."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 0:
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if mask is None or mask.ndim != 2 or mask.dtype != np.uint8:
+            raise BadSample(f"{name} is not a decodable PNG")
+        return mask
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG" or im.mode not in ("L", "P"):
+                raise BadSample(f"{name} is not a single-channel PNG (format {im.format}, mode {im.mode})")
+            return np.asarray(im).astype(np.uint8, copy=False)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSample(f"{name} is not a decodable PNG: {e}") from e
+
+
+@dataclass
+class Sample:
+    """A clip read from its shard with its masks decoded and its JPEGs not yet (see `decode_jpeg`)."""
+
+    key: str
+    meta: dict
+    masks: np.ndarray  # (T, H, W) uint8 ids
+    jpegs: list[bytes]
+    size: tuple[int, int]  # (H, W) of every frame
+
+
+def read_sample(fh, key: str, fields: dict[str, tuple[int, int]], num_frames: int) -> Sample:
+    """Read and check one clip: json, masks (decoded), JPEG bytes with their headers checked. Raises BadSample."""
 
     def read(field: str) -> bytes:
         off, n = fields[field]
@@ -137,32 +364,40 @@ def decode_sample(fh, key: str, fields: dict[str, tuple[int, int]], num_frames: 
     for k in ("frames", "object_ids"):
         if not isinstance(meta.get(k), list):
             raise BadSample(f"json has no list '{k}'")
-    frames, masks = [], []
+    jpegs: list[bytes] = []
+    masks: np.ndarray | None = None
+    size: tuple[int, int] | None = None
     for t in range(num_frames):
         jf, pf = f"{t:02d}.jpg", f"{t:02d}.png"
         if jf not in fields or pf not in fields:
             raise BadSample(f"frame {t} is missing ({jf}/{pf}); the loader needs {num_frames} frames")
-        img = cv2.imdecode(np.frombuffer(read(jf), np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise BadSample(f"{jf} is not a decodable JPEG")
-        try:
-            with Image.open(io.BytesIO(read(pf))) as im:
-                if im.format != "PNG" or im.mode not in ("L", "P"):
-                    raise BadSample(f"{pf} is not a single-channel PNG (format {im.format}, mode {im.mode})")
-                mask = np.asarray(im)
-        except (OSError, SyntaxError) as e:
-            raise BadSample(f"{pf} is not a decodable PNG: {e}") from e
-        if mask.shape != img.shape[:2]:
-            raise BadSample(f"{pf} is {mask.shape[1]}x{mask.shape[0]} but {jf} is {img.shape[1]}x{img.shape[0]}")
-        if frames and img.shape != frames[0].shape:
-            raise BadSample(f"{jf} is {img.shape[1]}x{img.shape[0]}, frame 00 is "
-                            f"{frames[0].shape[1]}x{frames[0].shape[0]}")
-        frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        masks.append(mask.astype(np.uint8, copy=False))
-    f, m = np.stack(frames), np.stack(masks)
-    if not m[0].any():
+        data = read(jf)
+        hw = jpeg_size(data, jf)
+        mask = decode_png_mask(read(pf), pf)
+        if mask.shape != hw:
+            raise BadSample(f"{pf} is {mask.shape[1]}x{mask.shape[0]} but {jf} is {hw[1]}x{hw[0]}")
+        if size is None:
+            size = hw
+            masks = np.empty((num_frames, *hw), np.uint8)
+        elif hw != size:
+            raise BadSample(f"{jf} is {hw[1]}x{hw[0]}, frame 00 is {size[1]}x{size[0]}")
+        masks[t] = mask
+        jpegs.append(data)
+    if masks is None or not masks[0].any():
         raise BadSample("frame 0 has no object")
-    return f, m, meta
+    return Sample(key, meta, masks, jpegs, size)
+
+
+def decode_sample(fh, key: str, fields: dict[str, tuple[int, int]], num_frames: int):
+    """Read, check and fully decode one clip: (frames uint8 (T,H,W,3) RGB, masks uint8 (T,H,W), meta). Raises
+    BadSample."""
+    s = read_sample(fh, key, fields, num_frames)
+    frames = np.empty((num_frames, *s.size, 3), np.uint8)
+    for t, data in enumerate(s.jpegs):
+        img = decode_jpeg(data, f"{t:02d}.jpg", s.size, buffer=frames[t])
+        if not np.shares_memory(img, frames[t]):
+            frames[t] = img
+    return frames, s.masks, s.meta
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -181,6 +416,8 @@ class LoaderConfig:
     seed: int = 42
     block_clips: int = 256  # clips a lane reads from one stream before re-seeding (bounds resume fast-forward)
     cache_shards: int = 64  # shard header indexes kept per worker
+    paste_pool_shards: int = 4  # shards whose samples a (level, block) draws paste partners from
+    verify_shards: bool = False  # check each shard's sha256 (its stats.json) before reading it
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -198,6 +435,11 @@ class LoaderConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers!r}")
         if self.seed < 0:
             raise ValueError(f"train.seed must be >= 0 for the loader's seeded streams, got {self.seed!r}")
+        if isinstance(self.paste_pool_shards, bool) or not isinstance(self.paste_pool_shards, int) \
+                or self.paste_pool_shards < 1:
+            raise ValueError(f"data.loader.paste_pool_shards must be an int >= 1, got {self.paste_pool_shards!r}")
+        if not isinstance(self.verify_shards, bool):
+            raise ValueError(f"data.verify_shards must be true or false, got {self.verify_shards!r}")
 
     def level_at(self, iteration: int) -> int:
         """Index into max_skip of the curriculum level in force at `iteration` (Cutie: it >= fraction × total)."""
@@ -222,34 +464,83 @@ def _block_batches(cfg: LoaderConfig) -> int:
 # ----------------------------------------------------------------------------------------------- streams
 
 
+def clip_video(key: str) -> str:
+    """`{dataset}_{video}` of a sample key `{dataset}_{video}_{level}_{index}` (level names have no underscore)."""
+    return key.rsplit("_", 2)[0]
+
+
+class _Pool:
+    """The paste pool of one (level, block): every sample of a few shards, by video."""
+
+    def __init__(self, entries: list[tuple[Path, str, dict]]):
+        self.entries = entries
+        ids: dict[str, int] = {}
+        self.videos = np.array([ids.setdefault(clip_video(k), len(ids)) for _, k, _ in entries], np.int64)
+        self.video_ids = ids
+
+    def candidates(self, key: str) -> np.ndarray:
+        """Entries of another video than `key`'s; failing that, of another key."""
+        vid = self.video_ids.get(clip_video(key))
+        if vid is None:
+            return np.arange(len(self.entries))
+        other = np.flatnonzero(self.videos != vid)
+        if len(other):
+            return other
+        return np.array([i for i, (_, k, _) in enumerate(self.entries) if k != key], np.int64)
+
+
 class _Lane:
     """All batches of one (rank, lane): iterations i ≡ lane (mod lanes)."""
 
     def __init__(self, cfg: LoaderConfig, shards: dict[int, list[Path]], rank: int, lane: int,
-                 params: A.AugmentParams):
+                 params: A.AugmentParams, digests: dict[Path, str] | None = None):
         self.cfg, self.shards, self.rank, self.lane, self.params = cfg, shards, rank, lane, params
+        self.digests = digests  # verify_shards: the sha256 each shard must have
+        self.verified: set[Path] = set()
         self.index_cache: OrderedDict[Path, list] = OrderedDict()
         self.bad_shards: set[Path] = set()
-        self.bad_samples: set[tuple[Path, str]] = set()
+        self.new_bad_shards: list[str] = []  # found since the last batch (TrainLoader.stats)
+        self.bad_samples: set[tuple[Path, str]] = set()  # unreadable json/masks/headers: skipped on sight
+        self.bad_frames: set[tuple[Path, str, int]] = set()  # undecodable JPEGs, known already
         self.handles: OrderedDict[Path, Any] = OrderedDict()
         self.stream_key: tuple[int, int] | None = None
         self.stream: Iterator | None = None
         self.stream_pos = 0  # draws taken from `stream` so far
+        self.pool_key: tuple[int, int] | None = None
+        self.pool: _Pool | None = None
+        self.position_memo: tuple[int, int, int, int] | None = None
+        self.scratch = np.empty(0, np.uint8)  # decoded JPEG, reused frame after frame
         self.skipped = 0
 
     # -- shard access
+    def _drop_shard(self, path: Path, why: str) -> None:
+        log.warning("skipping shard %s: %s", path, why)
+        self.bad_shards.add(path)
+        self.new_bad_shards.append(str(path))
+        self.skipped += 1
+
     def _index(self, path: Path) -> list:
         if path in self.bad_shards:
             return []
         if path in self.index_cache:
             self.index_cache.move_to_end(path)
             return self.index_cache[path]
+        if self.digests is not None and path not in self.verified:
+            try:
+                got = file_sha256(path)
+            except OSError as e:
+                self._drop_shard(path, f"unreadable: {e}")
+                return []
+            want = self.digests.get(path)
+            if got != want:
+                self._drop_shard(path, f"sha256 {got} differs from {want} recorded in {stats_path(path)} (corrupted "
+                                       "since the shard job wrote it?)")
+                return []
+            self.verified.add(path)
         try:
             idx = scan_shard(path)
         except (BadShard, OSError) as e:
-            log.warning("skipping shard %s: %s", path, e)
-            self.bad_shards.add(path)
-            self.skipped += 1
+            self._drop_shard(path, str(e))
             return []
         self.index_cache[path] = idx
         while len(self.index_cache) > self.cfg.cache_shards:
@@ -285,12 +576,29 @@ class _Lane:
             for pos in rng.permutation(len(idx)):
                 yield path, idx, int(pos)
 
+    def _paste_pool(self) -> _Pool:
+        """The paste pool of the current stream's (level, block): a pure function of (seed, rank, lane, level,
+        block) and the shard files."""
+        if self.pool_key != self.stream_key or self.pool is None:
+            level, block = self.stream_key
+            urls = self.shards[level]
+            rng = np.random.default_rng([self.cfg.seed, 37, self.rank, self.lane, level, block])
+            picks = rng.choice(len(urls), size=min(self.cfg.paste_pool_shards, len(urls)), replace=False)
+            entries = [(urls[int(i)], key, fields) for i in picks for key, fields in self._index(urls[int(i)])]
+            self.pool, self.pool_key = _Pool(entries), self.stream_key
+        return self.pool
+
     def _position(self, iteration: int, level: int) -> tuple[int, int]:
         """(block, number of clips this lane's (level, block) stream gave out before `iteration`)."""
         lanes, kb = _lanes(self.cfg), _block_batches(self.cfg)
         k = iteration // lanes
         block = k // kb
-        before = sum(1 for k2 in range(block * kb, k) if self.cfg.level_at(k2 * lanes + self.lane) == level)
+        start, before = block * kb, 0
+        memo = self.position_memo  # (block, level, k, count): the next batch only counts the batches since
+        if memo is not None and memo[:2] == (block, level) and memo[2] <= k:
+            start, before = memo[2], memo[3]
+        before += sum(1 for k2 in range(start, k) if self.cfg.level_at(k2 * lanes + self.lane) == level)
+        self.position_memo = (block, level, k, before)
         return block, before * self.cfg.batch_size
 
     def _draws(self, iteration: int, level: int) -> Iterator[tuple[Path, list, int]]:
@@ -306,66 +614,147 @@ class _Lane:
         self.stream_pos += 1
         return next(self.stream)
 
-    # -- clips
-    def _load(self, path: Path, idx: list, pos: int):
-        """The clip at `pos`, or the next good one of the same shard; None when the shard has no good sample."""
-        for step in range(len(idx)):
-            key, fields = idx[(pos + step) % len(idx)]
-            if (path, key) in self.bad_samples:  # warned about once already; still counted
-                self.skipped += 1
-                continue
-            try:
-                frames, masks, meta = decode_sample(self._handle(path), key, fields, self.cfg.num_frames)
-                return key, frames, masks, meta
-            except (BadSample, OSError) as e:
-                log.warning("skipping sample %s in shard %s: %s", key, path, e)
-                self.bad_samples.add((path, key))
-                self.skipped += 1
-        return None
+    # -- samples
+    def _read(self, path: Path, key: str, fields: dict) -> Sample | None:
+        """The sample with its masks decoded, or None (warned about once, counted every time) when it is bad."""
+        if (path, key) in self.bad_samples:
+            self.skipped += 1
+            return None
+        try:
+            return read_sample(self._handle(path), key, fields, self.cfg.num_frames)
+        except (BadSample, OSError) as e:
+            log.warning("skipping sample %s in shard %s: %s", key, path, e)
+            self.bad_samples.add((path, key))
+            self.skipped += 1
+            return None
 
-    def _clip(self, rng: np.random.Generator, level: int) -> dict[str, Any]:
+    def _decode(self, path: Path, s: Sample, t: int, reduce: int) -> np.ndarray:
+        """Frame t of `s` (RGB, at 1/reduce); BadSample when undecodable (each such frame is warned about once)."""
+        if (path, s.key, t) in self.bad_frames:
+            raise BadSample(f"{t:02d}.jpg is not a decodable JPEG (known)")
+        need = s.size[0] * s.size[1] * 3
+        if self.scratch.nbytes < need:
+            self.scratch = np.empty(need, np.uint8)
+        try:
+            # into the lane's scratch: the frame is warped before the next one is decoded
+            return decode_jpeg(s.jpegs[t], f"{t:02d}.jpg", s.size, reduce, buffer=self.scratch)
+        except BadSample as e:
+            log.warning("skipping sample %s in shard %s: %s", s.key, path, e)
+            self.bad_frames.add((path, s.key, t))
+            raise
+
+    def _warped(self, path: Path, s: Sample, order: list[int], m: np.ndarray) -> np.ndarray:
+        """The clip's frames in `order` through `m`: (T, crop, crop, 3) uint8, decoded as small as the warp allows."""
+        size = self.params.crop_size
+        r = A.decode_reduction(m, *s.size)
+        mr = A.reduced_matrix(m, r)
+        out = np.empty((len(order), size, size, 3), np.uint8)
+        for i, t in enumerate(order):
+            A.warp_image(self._decode(path, s, t, r), mr, size, out=out[i])
+        return out
+
+    def _patches(self, path: Path, s: Sample, order: list[int], m: np.ndarray, boxes: list) -> list:
+        """The partner's warped pixels inside `boxes` only; frames whose box is None are not decoded at all."""
+        r = A.decode_reduction(m, *s.size)
+        mr = A.reduced_matrix(m, r)
+        patches: list[np.ndarray | None] = []
+        for t, box in zip(order, boxes, strict=True):
+            if box is None:
+                patches.append(None)
+                continue
+            y0, y1, x0, x1 = box
+            mb = np.array(mr, np.float64)
+            mb[0, 2] -= x0
+            mb[1, 2] -= y0
+            patches.append(A.warp_image(self._decode(path, s, t, r), mb, (x1 - x0, y1 - y0)))
+        return patches
+
+    # -- clips
+    def _partner(self, rng: np.random.Generator, key: str, frames: np.ndarray, masks: np.ndarray
+                 ) -> tuple[dict[int, int], tuple[Path, str] | None]:
+        """Paste a partner from the pool over (frames, masks) in place: ({old id: new id}, (shard, key)) or
+        ({}, None) when there is none. Deterministic: a bad candidate passes to the next one with the RNG rewound."""
         p = self.params
+        pool = self._paste_pool()
+        cands = pool.candidates(key)
+        if not len(cands):
+            return {}, None
+        first = int(rng.integers(len(cands)))
+        for step in range(min(len(cands), PARTNER_TRIES)):
+            path, key2, fields = pool.entries[int(cands[(first + step) % len(cands)])]
+            s2 = self._read(path, key2, fields)
+            if s2 is None:
+                continue
+            state = rng.bit_generator.state
+            order, masks2, _ = A.maybe_reverse(rng, list(range(self.cfg.num_frames)), s2.masks, p)
+            try:
+                m2, wm2 = A.draw_clip_geometry(rng, masks2, p)
+            except A.NoObjectError:
+                return {}, None  # the partner's objects miss the crop: no merge (Cutie: the same)
+            boxes = A.paste_boxes(wm2)
+            try:
+                patches = self._patches(path, s2, order, m2, boxes)
+            except BadSample:
+                self.skipped += 1
+                rng.bit_generator.state = state
+                continue
+            return A.paste(frames, masks, wm2, patches, boxes), (path, key2)
+        return {}, None
+
+    def _augment(self, rng: np.random.Generator, level: int, path: Path, s: Sample, rgb_out: np.ndarray,
+                 cls_out: np.ndarray) -> dict[str, Any]:
+        p = self.params
+        order, masks, reversed_ = A.maybe_reverse(rng, list(range(self.cfg.num_frames)), s.masks, p)
+        m, masks = A.draw_clip_geometry(rng, masks, p)  # NoObjectError: the caller takes the next draw
+        frames = self._warped(path, s, order, m)  # BadSample: the caller passes to the next sample
+        mapping: dict[int, int] = {}
+        partner = None
+        first_ids = A.ids_in(masks[0])
+        if len(first_ids) < p.num_objects and rng.random() < p.merge_probability:
+            mapping, partner = self._partner(rng, s.key, frames, masks)
+        objects = A.choose_objects(rng, masks[0], p.num_objects, None if partner else first_ids)
+        A.colour(rng, frames, p, out=rgb_out)
+        A.slot_maps(masks, objects, out=cls_out)
+        meta = s.meta
+        return {"objects": objects,
+                "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
+                         "frames": meta.get("frames") if not reversed_ else list(meta["frames"])[::-1],
+                         "object_ids": objects, "level": level_name(self.cfg.max_skip[level]),
+                         "reversed": reversed_, "merged_ids": {str(v): k for k, v in mapping.items()},
+                         "merged_from": partner[1] if partner else None,
+                         "merged_shard": f"{partner[0].parent.name}/{partner[0].name}" if partner else None,
+                         "shard": f"{path.parent.name}/{path.name}"}}
+
+    def _clip(self, rng: np.random.Generator, level: int, rgb_out: np.ndarray, cls_out: np.ndarray
+              ) -> dict[str, Any]:
+        """The next clip of the stream, augmented into rgb_out (T, 3, S, S) float32 and cls_out (T, S, S) uint8."""
         while True:
             path, idx, pos = self._next_draw()
-            loaded = self._load(path, idx, pos)
-            if loaded is None:
-                continue
-            key, frames, masks, meta = loaded
-            frames, masks, reversed_ = A.maybe_reverse(rng, frames, masks, p)
-            try:
-                frames, masks = A.geometric(rng, frames, masks, p)
-            except A.NoObjectError:
-                continue  # deterministic: the next draw of the same stream
-            mapping: dict[int, int] = {}
-            n_first = len(ids_present(masks[0]))
-            if n_first < p.num_objects and rng.random() < p.merge_probability and len(idx) > 1:
-                other = (pos + 1 + int(rng.integers(len(idx) - 1))) % len(idx)
-                second = self._load(path, idx, other)
-                if second is not None and second[0] != key:
-                    f2, m2, _ = second[1], second[2], second[3]
-                    f2, m2, _ = A.maybe_reverse(rng, f2, m2, p)
-                    try:
-                        f2, m2 = A.geometric(rng, f2, m2, p)
-                        frames, masks, mapping = A.merge(frames, masks, f2, m2)
-                    except A.NoObjectError:
-                        pass
-            objects = A.choose_objects(rng, masks[0], p.num_objects)
-            rgb = A.colour(rng, frames, p)
-            return {"rgb": rgb, "cls": A.slot_maps(masks, objects), "objects": objects,
-                    "info": {"key": key, "dataset": meta.get("dataset"), "video": meta.get("video"),
-                             "frames": meta.get("frames") if not reversed_ else list(meta["frames"])[::-1],
-                             "object_ids": objects, "level": level_name(self.cfg.max_skip[level]),
-                             "reversed": reversed_, "merged_ids": {str(v): k for k, v in mapping.items()},
-                             "shard": f"{path.parent.name}/{path.name}"}}
+            for step in range(len(idx)):  # the clip at `pos`, or the next good one of the same shard
+                key, fields = idx[(pos + step) % len(idx)]
+                s = self._read(path, key, fields)
+                if s is None:
+                    continue
+                state = rng.bit_generator.state
+                try:
+                    return self._augment(rng, level, path, s, rgb_out, cls_out)
+                except A.NoObjectError:
+                    break  # deterministic: the next draw of the same stream
+                except BadSample:  # a JPEG that does not decode: as if the sample had been skipped on sight
+                    self.skipped += 1
+                    rng.bit_generator.state = state
 
     def batch(self, iteration: int) -> dict[str, Any]:
         level = self.cfg.level_at(iteration)
         self._draws(iteration, level)
+        b, t, size = self.cfg.batch_size, self.cfg.num_frames, self.params.crop_size
+        rgb = np.empty((b, t, 3, size, size), np.float32)
+        cls = np.empty((b, t, size, size), np.uint8)
         clips = []
-        for slot in range(self.cfg.batch_size):
+        for slot in range(b):
             rng = np.random.default_rng([self.cfg.seed, 23, self.rank, iteration, slot])
-            clips.append(self._clip(rng, level))
-        out = collate(clips)
+            clips.append(self._clip(rng, level, rgb[slot], cls[slot]))
+        out = assemble(rgb, cls, [c["objects"] for c in clips], [c["info"] for c in clips])
         out["info"] = [dict(c["info"], iteration=iteration) for c in clips]
         return out
 
@@ -377,29 +766,37 @@ class _Lane:
 
 def collate(clips: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack clips into the batch dict of docs/architecture.md section 3; objects padded to the batch max."""
-    n = max(1, max(len(c["objects"]) for c in clips))
-    rgb = torch.from_numpy(np.stack([c["rgb"] for c in clips]))  # clips are already (T, 3, H, W) float32
-    cls = torch.from_numpy(np.stack([c["cls"] for c in clips])).long()[:, :, None]  # (B, T, 1, H, W) int64
-    b, _, _, h, w = cls.shape
-    first = torch.zeros(b, 1, n, h, w, dtype=torch.float32)
-    selector = torch.zeros(b, n, dtype=torch.float32)
-    for i, c in enumerate(clips):
-        for k in range(len(c["objects"])):
-            first[i, 0, k] = (cls[i, 0, 0] == k + 1).float()
+    rgb = np.stack([c["rgb"] for c in clips])  # clips are already (T, 3, H, W) float32
+    cls = np.stack([c["cls"] for c in clips])
+    return assemble(rgb, cls, [c["objects"] for c in clips], [c["info"] for c in clips])
+
+
+def assemble(rgb: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], infos: list[dict]) -> dict[str, Any]:
+    """The batch dict from rgb (B, T, 3, H, W) float32 and slot maps (B, T, H, W) uint8 (numpy buffers: numpy
+    reuses freed memory where fresh torch tensors of this size page-fault on every batch)."""
+    n = max(1, max(len(o) for o in objects))
+    b, t, h, w = cls_u8.shape
+    first = np.zeros((b, 1, n, h, w), np.float32)
+    selector = np.zeros((b, n), np.float32)
+    for i, obj in enumerate(objects):
+        for k in range(len(obj)):
+            np.equal(cls_u8[i, 0], k + 1, out=first[i, 0, k], casting="unsafe")
             selector[i, k] = 1.0
-    return {"rgb": rgb, "cls_gt": cls.long(), "first_frame_gt": first, "selector": selector,
-            "info": [c["info"] for c in clips]}
+    return {"rgb": torch.from_numpy(rgb), "cls_gt": torch.from_numpy(cls_u8.astype(np.int64).reshape(b, t, 1, h, w)),
+            "first_frame_gt": torch.from_numpy(first), "selector": torch.from_numpy(selector), "info": infos}
 
 
 # ----------------------------------------------------------------------------------------------- loader
 
 
 class _Batches(torch.utils.data.IterableDataset):
-    """Worker w of W yields (iteration, batch, skipped-so-far) for iterations start + w, start + w + W, ..."""
+    """Worker w of W yields (iteration, batch, skipped since the last batch, shards found bad since the last batch)
+    for iterations start + w, start + w + W, ..."""
 
-    def __init__(self, cfg, shards, rank, params, start, stop):
+    def __init__(self, cfg, shards, rank, params, start, stop, digests=None):
         super().__init__()
         self.cfg, self.shards, self.rank, self.params, self.start, self.stop = cfg, shards, rank, params, start, stop
+        self.digests = digests
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -410,12 +807,13 @@ class _Batches(torch.utils.data.IterableDataset):
         lanes = _lanes(self.cfg)
         # with W workers each worker owns one lane; in-process (0 workers) the one lane is lane 0 of 1
         it = self.start + w
-        lane = _Lane(self.cfg, self.shards, self.rank, it % lanes, self.params)
+        lane = _Lane(self.cfg, self.shards, self.rank, it % lanes, self.params, self.digests)
         try:
             while self.stop is None or it < self.stop:
                 before = lane.skipped
                 batch = lane.batch(it)
-                yield it, batch, lane.skipped - before
+                bad, lane.new_bad_shards = lane.new_bad_shards, []
+                yield it, batch, lane.skipped - before, bad
                 it += n_workers
         finally:
             lane.close()
@@ -447,6 +845,31 @@ class TrainLoader:
                 raise FileNotFoundError(f"no intact shard in {self.root / level_name(skip)}")
             self.shards[li] = good
         self.skipped = len(self.bad_shards)
+        self.digests = self._digests() if cfg.verify_shards else None
+
+    def _digests(self) -> dict[Path, str]:
+        """verify_shards: every shard's sha256 from its stats.json, or a clear error at start-up."""
+        digests: dict[Path, str] = {}
+        for paths in self.shards.values():
+            for p in paths:
+                if p in digests:
+                    continue
+                st = stats_path(p)
+                if not st.is_file():
+                    raise FileNotFoundError(f"data.verify_shards: {st} is missing: the shard job writes it with the "
+                                            f"sha256 of {p.name} (rerun data_pipeline.shard, or set verify_shards "
+                                            "false)")
+                try:
+                    rec = json.loads(st.read_text())
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"data.verify_shards: {st} is unreadable: {e}") from e
+                sha = rec.get("sha256") if isinstance(rec, dict) else None
+                if not isinstance(sha, str) or not SHA256_RE.match(sha):
+                    raise ValueError(f"data.verify_shards: {st} has no 'sha256' (hex sha256 of {p.name}; shards "
+                                     "written before the shard job recorded it: rerun it, or set verify_shards "
+                                     "false)")
+                digests[p] = sha
+        return digests
 
     def __len__(self) -> int:
         return self.cfg.total_iterations
@@ -458,7 +881,7 @@ class TrainLoader:
         # `infinite`: total_iterations only scales the curriculum; a trainer that drops a batch (non-finite loss)
         # must not find the stream dry before its last iteration.
         stop = None if self.infinite else self.cfg.total_iterations
-        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, stop)
+        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, stop, self.digests)
         if self.cfg.num_workers == 0:
             source = iter(ds)
         else:
@@ -468,11 +891,12 @@ class TrainLoader:
                 # spawn, not fork: a forked worker inherits OpenCV's/OpenMP's thread pools in whatever state the
                 # parent left them and can deadlock on its first cv2 call (seen here); workers start once per run
                 multiprocessing_context="spawn"))
-        for it, batch, skipped in source:
+        for it, batch, skipped, bad in source:
             if it != self.iteration:
                 raise RuntimeError(f"loader out of order: got batch {it}, expected {self.iteration}")
             self.iteration += 1
             self.skipped += skipped
+            self.bad_shards += [b for b in bad if b not in self.bad_shards]
             yield batch
 
     def stats(self) -> dict[str, int]:
@@ -481,12 +905,13 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "skipped": self.skipped, "rank": self.rank,
                 "world_size": self.world_size, "num_workers": self.cfg.num_workers, "seed": self.cfg.seed,
-                "batch_size": self.cfg.batch_size, "total_iterations": self.cfg.total_iterations}
+                "batch_size": self.cfg.batch_size, "total_iterations": self.cfg.total_iterations,
+                "paste_pool_shards": self.cfg.paste_pool_shards}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "iteration" not in state:
             raise KeyError(f"loader state has no 'iteration': {state!r}")
-        for k in ("num_workers", "seed", "batch_size", "total_iterations"):
+        for k in ("num_workers", "seed", "batch_size", "total_iterations", "paste_pool_shards"):
             if k in state and state[k] != getattr(self.cfg, k):
                 log.warning("loader state was saved with %s=%r, now %r: the resumed batches differ from an "
                             "uninterrupted run's", k, state[k], getattr(self.cfg, k))
@@ -495,18 +920,20 @@ class TrainLoader:
 
 
 _AUG_KEYS = {f.name for f in A.AugmentParams.__dataclass_fields__.values()} - {"crop_size", "num_objects"}
-_CFG_KEYS = {"block_clips", "cache_shards"}
+_CFG_KEYS = {"block_clips", "cache_shards", "paste_pool_shards"}
 
 
 def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | None = None,
                        world_size: int | None = None, total_iterations: int = 1, *, num_frames: int = 8,
                        num_objects: int = 3, crop_size: int = 480, max_skip=(5, 10, 15, 5),
                        max_skip_until=(0.1, 0.3, 0.8, 1.0), num_workers: int = 2, seed: int = 42,
-                       start_iteration: int = 0, infinite: bool = False, **knobs) -> TrainLoader:
+                       start_iteration: int = 0, infinite: bool = False, verify_shards: bool = False,
+                       **knobs) -> TrainLoader:
     """The training loader for one rank. `rank`/`world_size` default to the RANK/WORLD_SIZE env vars (as the
-    launcher sets them). `knobs` are `data.loader` extras: augmentation fields of `AugmentParams`
-    (merge_probability, reverse_probability, rotation, shear, scale, crop_tries, clip_jitter, ...) and
-    block_clips / cache_shards."""
+    launcher sets them). `verify_shards` (data.verify_shards): check every shard's sha256 against its stats.json.
+    `knobs` are `data.loader` extras: augmentation fields of `AugmentParams` (merge_probability,
+    reverse_probability, rotation, shear, scale, crop_tries, clip_jitter, ...) and block_clips / cache_shards /
+    paste_pool_shards."""
     unknown = set(knobs) - _AUG_KEYS - _CFG_KEYS
     if unknown:
         raise ValueError(f"data.loader: unknown key(s) {sorted(unknown)} (known: {sorted(_AUG_KEYS | _CFG_KEYS)})")
@@ -519,7 +946,7 @@ def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | N
     cfg = LoaderConfig(batch_size=batch_size, total_iterations=total_iterations, num_frames=num_frames,
                        num_objects=num_objects, crop_size=crop_size, max_skip=tuple(max_skip),
                        max_skip_until=tuple(max_skip_until), num_workers=num_workers, seed=seed,
-                       **{k: v for k, v in knobs.items() if k in _CFG_KEYS})
+                       verify_shards=verify_shards, **{k: v for k, v in knobs.items() if k in _CFG_KEYS})
     loader = TrainLoader(shards, cfg, rank, world_size, params)
     loader.iteration = start_iteration
     loader.infinite = infinite

@@ -35,7 +35,7 @@ OPERATIONAL_KEYS = ("output_dir", "train.stop_after", "checkpoint.dir", "checkpo
                     "checkpoint.keep_last", "checkpoint.keep_weights", "checkpoint.every",
                     "validation.time_limit_minutes", "validation.overlays", "tracking.tracking_uri",
                     "tracking.log_every", "tracking.system_metrics", "tracking.system_metrics_interval",
-                    "tracking.upload_retries", "tracking.run_name")
+                    "tracking.upload_retries", "tracking.run_name", "data.verify_shards")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class DataSection:
     max_skip: list[int] = field(default_factory=lambda: [5, 10, 15, 5])
     max_skip_until: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.8, 1.0])
     num_workers: int = 2
+    verify_shards: bool = False  # check each shard's sha256 (recorded in its stats.json) before the loader reads it
     loader: dict[str, Any] = field(default_factory=dict)  # extra knobs handed to the loader as they are
 
 

@@ -355,7 +355,7 @@ class Trainer:
             total_iterations=self.cfg.train.iterations * self.split.accumulation,
             num_frames=d.num_frames, num_objects=d.num_objects, crop_size=d.crop_size,
             max_skip=d.max_skip, max_skip_until=d.max_skip_until, num_workers=d.num_workers,
-            seed=self.cfg.train.seed, infinite=True, **d.loader)
+            seed=self.cfg.train.seed, infinite=True, verify_shards=d.verify_shards, **d.loader)
 
     def _broadcast(self, value):
         box = [value]

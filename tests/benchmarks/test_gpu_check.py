@@ -89,8 +89,15 @@ def test_ytvos_davis_shard_config_loads(tmp_path):
     assert set(cfg["reader_options"]) <= set(cfg["datasets"])
     assert cfg["out"] == "/shared/shards/ytvos_davis"
     mega = load_config(ROOT / "data_pipeline" / "configs" / "mega.yaml", data_root=tmp_path)
-    same = {k for k in mega if k not in ("datasets", "reader_options", "out", "data_root")}
-    assert {k: cfg[k] for k in same} == {k: mega[k] for k in same}  # only the dataset list differs from MEGA
+    same = {k for k in mega if k not in ("datasets", "reader_options", "out", "data_root", "clips_per_level")}
+    assert {k: cfg[k] for k in same} == {k: mega[k] for k in same}  # the dataset list and clip counts differ
+    # clip counts follow each paper schedule's draws per level: every stored clip is drawn about 5 times
+    from data_pipeline.shard import training_draws
+
+    for shard_cfg, train_cfg in ((mega, "s3_mega.yaml"), (cfg, "s3_ytvos_davis.yaml")):
+        draws = training_draws(ROOT / "training" / "configs" / train_cfg, shard_cfg["levels"])["draws"]
+        reuse = {lv: draws[lv] / n for lv, n in shard_cfg["clips_per_level"].items()}
+        assert all(4.5 <= r <= 5.5 for r in reuse.values()), (train_cfg, reuse)
 
 
 def test_shard_configs_named_by_training_configs_exist(tmp_path):

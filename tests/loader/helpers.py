@@ -89,3 +89,50 @@ def small_set(root: Path, seed: int = 0) -> dict[str, dict]:
 
 LOADER_KW = dict(num_frames=T, num_objects=3, crop_size=32, max_skip=[5, 10, 15, 5],
                  max_skip_until=[0.1, 0.3, 0.8, 1.0], seed=7)
+
+
+# ----------------------------------------------------------------------------------------------- real shards
+
+
+def run_module(args: list[str], root: Path) -> None:
+    """`python -m ...` from the repository root with the test settings; fails the test with its output."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def add_sha256(root: Path) -> None:
+    """Record each shard's sha256 in its stats.json, as the shard job does (for shards written without it)."""
+    import hashlib
+
+    for tar in sorted(root.glob("skip*/*.tar")):
+        st = tar.with_name(tar.name.replace(".tar", ".stats.json"))
+        rec = json.loads(st.read_text()) if st.is_file() else {}
+        if "sha256" not in rec:
+            rec["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+            st.write_text(json.dumps(rec))
+
+
+def corrupt_quantisation_byte(tar: Path) -> str:
+    """Silent corruption: change one byte of a JPEG quantisation table in the sample in the middle of `tar` (the
+    file keeps its size and tar structure, the JPEG still decodes, only its pixels change). Returns the key."""
+    from data_pipeline.loader import scan_shard
+
+    idx = scan_shard(tar)
+    key, fields = idx[len(idx) // 2]
+    off, size = fields["03.jpg"]
+    with open(tar, "r+b") as f:
+        f.seek(off)
+        data = f.read(size)
+        dqt = data.index(b"\xff\xdb")  # marker, 2-byte length, Pq/Tq, then the 64 table entries
+        pos = off + dqt + 5 + 10
+        f.seek(pos)
+        old = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([old + 1 if old < 255 else old - 1]))
+    return key

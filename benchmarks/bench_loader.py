@@ -146,41 +146,34 @@ def bench_b(raw: Path, clips, crop: int) -> float:
     return len(clips) / (time.perf_counter() - t0)
 
 
-def bench_c(shards: Path, n: int) -> float:
+def bench_decode(shards: Path, n: int, decoder: str = "loader") -> float:
+    """Bare decode of n clips' 8 JPEGs + 8 PNGs from the shards, no augmentation. `decoder`: "loader" (the loader's
+    own decode_sample: simplejpeg), "pil" (as Cutie's loader: Image.open(...).convert("RGB"), palette PNGs) or "cv2"
+    (cv2.imdecode + BGR→RGB for JPEGs, PIL PNGs: this loader's decoder before simplejpeg)."""
     tars = sorted((shards / "skip05").glob("*.tar"))
     items = [(p, key, fields) for p in tars for key, fields in scan_shard(p)]
+
+    def decode(fh, key, fields):
+        if decoder == "loader":
+            decode_sample(fh, key, fields, T)
+            return
+        for t in range(T):
+            for ext in ("jpg", "png"):
+                off, size = fields[f"{t:02d}.{ext}"]
+                fh.seek(off)
+                data = fh.read(size)
+                if decoder == "cv2" and ext == "jpg":
+                    cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                    continue
+                with Image.open(io.BytesIO(data)) as im:
+                    np.asarray(im.convert("RGB") if ext == "jpg" else im)
+
     t0 = time.perf_counter()
     done = 0
     while done < n:
         for p, key, fields in items:
             with open(p, "rb") as fh:
-                decode_sample(fh, key, fields, T)
-            done += 1
-            if done == n:
-                break
-    return n / (time.perf_counter() - t0)
-
-
-def bench_d(shards: Path, n: int, cv2_jpeg: bool = False) -> float:
-    """The same bare decode with PIL, as Cutie's loader decodes (Image.open(...).convert("RGB"), palette PNGs); with
-    `cv2_jpeg`, JPEGs through cv2.imdecode + BGR→RGB (this loader's decoder before simplejpeg)."""
-    tars = sorted((shards / "skip05").glob("*.tar"))
-    items = [(p, key, fields) for p in tars for key, fields in scan_shard(p)]
-    t0 = time.perf_counter()
-    done = 0
-    while done < n:
-        for p, _key, fields in items:
-            with open(p, "rb") as fh:
-                for t in range(T):
-                    for ext in ("jpg", "png"):
-                        off, size = fields[f"{t:02d}.{ext}"]
-                        fh.seek(off)
-                        if cv2_jpeg and ext == "jpg":
-                            cv2.cvtColor(cv2.imdecode(np.frombuffer(fh.read(size), np.uint8), cv2.IMREAD_COLOR),
-                                         cv2.COLOR_BGR2RGB)
-                            continue
-                        with Image.open(io.BytesIO(fh.read(size))) as im:
-                            np.asarray(im.convert("RGB") if ext == "jpg" else im)
+                decode(fh, key, fields)
             done += 1
             if done == n:
                 break
@@ -208,9 +201,9 @@ def main(argv=None) -> int:
     write_shards(raw, clips, shards)
     h, w = np.asarray(Image.open(raw / "Annotations" / clips[0][0] / f"{clips[0][1][0]}.png")).shape
     print(f"{len(clips)} clips of {T} frames at {w}x{h}, crop {args.crop}, one process, OMP/cv2 threads 1")
-    c = bench_c(shards, len(clips))
-    d = bench_d(shards, len(clips))
-    e = bench_d(shards, len(clips), cv2_jpeg=True)
+    c = bench_decode(shards, len(clips))
+    d = bench_decode(shards, len(clips), "pil")
+    e = bench_decode(shards, len(clips), "cv2")
     a, pasted = bench_a(shards, len(clips), args.crop)
     b = bench_b(raw, clips, args.crop)
     decoder = "simplejpeg" if L.simplejpeg is not None else "cv2"

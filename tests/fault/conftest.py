@@ -13,15 +13,15 @@ from .helpers import PY, ROOT, child_env
 SHARD_CONFIG = ROOT / "data_pipeline" / "configs" / "demo.yaml"
 
 
-def shard_cmd(data_root: Path, out: Path) -> list[str]:
+def shard_cmd(data_root: Path, out: Path, *args: str) -> list[str]:
     return [PY, "-m", "data_pipeline.shard", "--config", str(SHARD_CONFIG), "--data-root", str(data_root),
-            "--out", str(out)]
+            "--out", str(out), *args]
 
 
-def run_shard(data_root: Path, out: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(shard_cmd(data_root, out), cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def run_shard(data_root: Path, out: Path, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(shard_cmd(data_root, out, *args), cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 

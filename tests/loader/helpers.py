@@ -136,3 +136,13 @@ def corrupt_quantisation_byte(tar: Path) -> str:
         f.seek(pos)
         f.write(bytes([old + 1 if old < 255 else old - 1]))
     return key
+
+
+def take(loader, n: int) -> list:
+    """The first n batches of an iteration over `loader` (which then stops there)."""
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from data_pipeline.loader import build_eval_loader, build_train_loader
-from tests.loader.helpers import LOADER_KW, T, colour_of, small_set, write_shards
+from tests.loader.helpers import LOADER_KW, T, colour_of, small_set, take, write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,18 +36,9 @@ def _loader(root, total=40, workers=0, batch_size=2, **kw):
                               **args)
 
 
-def _take(loader, n):
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
-
-
 def test_batch_dict_layout(shards):
     root, _ = shards
-    b = _take(_loader(root), 1)[0]
+    b = take(_loader(root), 1)[0]
     bs, n = b["selector"].shape
     assert b["rgb"].shape == (2, T, 3, 32, 32) and b["rgb"].dtype == torch.float32
     assert float(b["rgb"].min()) >= 0.0 and float(b["rgb"].max()) <= 1.0
@@ -137,21 +128,21 @@ def _same(a, b):
 @pytest.mark.parametrize("block_clips", [256, 6])  # 6: a new stream block every 3 batches of a lane
 def test_resume_draws_the_same_batches(shards, block_clips):
     root, _ = shards
-    full = _take(_loader(root, total=40, workers=2, block_clips=block_clips), 16)  # crosses the switch at 4, 12
+    full = take(_loader(root, total=40, workers=2, block_clips=block_clips), 16)  # crosses the switch at 4, 12
     # the stream moves on: (nearly) every batch draws a new pair of clips
     assert len({tuple(i["key"] for i in b["info"]) for b in full}) >= 12
     first = _loader(root, total=40, workers=2, block_clips=block_clips)
-    _take(first, 7)
+    take(first, 7)
     state = first.state_dict()
     assert state["iteration"] == 7
     second = _loader(root, total=40, workers=2, block_clips=block_clips)
     second.load_state_dict(json.loads(json.dumps(state)))  # as it travels in a checkpoint
-    for a, b in zip(full[7:], _take(second, 9), strict=True):
+    for a, b in zip(full[7:], take(second, 9), strict=True):
         _same(a, b)
-    inproc = _take(_loader(root, total=40, workers=0), 6)  # in-process (no DataLoader workers): same contract
+    inproc = take(_loader(root, total=40, workers=0), 6)  # in-process (no DataLoader workers): same contract
     third = _loader(root, total=40, workers=0)
     third.load_state_dict({"iteration": 4})
-    for a, b in zip(inproc[4:], _take(third, 2), strict=True):
+    for a, b in zip(inproc[4:], take(third, 2), strict=True):
         _same(a, b)
 
 
@@ -195,7 +186,7 @@ def test_truncated_shard_and_bad_sample_are_skipped_with_warnings(shards, tmp_pa
         tw.write(evil)
     with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
         loader = _loader(root, total=60, batch_size=2)
-        keys = [i["key"] for b in _take(loader, 6) for i in b["info"]]
+        keys = [i["key"] for b in take(loader, 6) for i in b["info"]]
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert str(cut) in text and "truncated" in text
     assert len(keys) == 12 and "broken_clip_x" not in keys

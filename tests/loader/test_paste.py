@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipeline import augment as A
 from data_pipeline.loader import LoaderConfig, _Lane, _Pool, build_train_loader
-from tests.loader.helpers import LOADER_KW, T, small_set
+from tests.loader.helpers import LOADER_KW, T, small_set, take
 
 
 def _video(key: str) -> str:
@@ -94,15 +94,6 @@ def _broken_jpeg(good: bytes) -> bytes:
     return good[: len(good) // 2] + b"\xff\xd9"
 
 
-def _take(loader, n):
-    out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            break
-    return out
-
-
 @pytest.mark.timeout(120)
 def test_undecodable_jpegs_are_skipped_the_same_way_whatever_the_lane_knew(tmp_path, caplog):
     """A sample whose JPEGs only fail when decoded (after its geometry was drawn) is passed over as if it had been
@@ -122,12 +113,12 @@ def test_undecodable_jpegs_are_skipped_the_same_way_whatever_the_lane_knew(tmp_p
                 tw.write(s)
     kw = dict(LOADER_KW, max_skip=[5], max_skip_until=[1.0], merge_probability=1.0, block_clips=8)
     with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
-        full = _take(build_train_loader(str(root), batch_size=2, rank=0, world_size=1, total_iterations=30,
+        full = take(build_train_loader(str(root), batch_size=2, rank=0, world_size=1, total_iterations=30,
                                         num_workers=0, **kw), 24)
         resumed = build_train_loader(str(root), batch_size=2, rank=0, world_size=1, total_iterations=30,
                                      num_workers=0, **kw)
         resumed.load_state_dict({"iteration": 13})
-        later = _take(resumed, 11)
+        later = take(resumed, 11)
     for a, b in zip(full[13:], later, strict=True):
         assert [i["key"] for i in a["info"]] == [i["key"] for i in b["info"]]
         assert [i["merged_from"] for i in a["info"]] == [i["merged_from"] for i in b["info"]]

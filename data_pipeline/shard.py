@@ -228,6 +228,11 @@ def write_json(path: Path, obj) -> None:
 _READERS: dict = {}
 
 
+def stats_path(tar: Path) -> Path:
+    """shard-NNNNNN.tar → shard-NNNNNN.stats.json, the completion marker written after the tar."""
+    return tar.with_name(tar.name.replace(".tar", ".stats.json"))
+
+
 def clip_item(spec: dict, video: Video, plan: ClipPlan) -> tuple[dict, Video, ClipPlan]:
     """A shard task's input for one clip: the video cut down to the clip's frames (the OVIS/BURST annotations of
     8 frames, not of the whole video: a mixed shard draws from hundreds of videos) and the plan renumbered to it."""
@@ -261,7 +266,7 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
     stats = {"shard": path.name, "clips": clips, "bytes": size, "sha256": sha, "skipped": skipped, "node_id": node,
              "hostname": socket.gethostname(), "seconds": round(time.time() - t0, 3),
              "source_bytes": sum(_source_bytes(spec, video, plan) for spec, video, plan in items)}
-    write_json(path.with_name(path.name.replace(".tar", ".stats.json")), stats)
+    write_json(stats_path(path), stats)
     return stats
 
 
@@ -539,10 +544,10 @@ def plan_only(cfg: dict, allow_missing: list[str] = (), train_config: str | None
     plan = plan_summary(cfg, videos, plans, specs, missing, train)
     plan["skipped_while_listing"] = len(skipped)
     print(json.dumps(plan, indent=1, sort_keys=True) if as_json else format_plan(plan), flush=True)
-    with contextlib.suppress(SystemExit):
+    try:
         check_out(Path(cfg["out"]), cfg)
-        return plan
-    print(f"note: --out {cfg['out']} holds shards of another config; the job would refuse it", flush=True)
+    except SystemExit:
+        print(f"note: --out {cfg['out']} holds shards of another config; the job would refuse it", flush=True)
     return plan
 
 
@@ -567,7 +572,7 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
             items = [clip_item(specs[p.dataset], by_id[(p.dataset, p.video)], p)
                      for p in ps[s:s + cfg["clips_per_shard"]]]
             jobs.append((out / level / f"shard-{s // cfg['clips_per_shard']:06d}.tar", items))
-    todo = [(p, it) for p, it in jobs if not p.with_name(p.name.replace(".tar", ".stats.json")).is_file()]
+    todo = [(p, it) for p, it in jobs if not stats_path(p).is_file()]
     print(f"{len(jobs)} shards planned, {len(jobs) - len(todo)} already done", flush=True)
     if todo:
         remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(shard_task)
@@ -581,15 +586,11 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
                 bar.update(len(done))
     stats = {}
     for p, _ in jobs:
-        st = json.loads(p.with_name(p.name.replace(".tar", ".stats.json")).read_text())
+        st = json.loads(stats_path(p).read_text())
         stats[str(p.relative_to(out))] = st
         skipped += [dict(s, shard=str(p.relative_to(out))) for s in st["skipped"]]
-    counts = {}
-    for d, vs in videos.items():
-        ok = [v for v in vs if usable(v)]
-        counts[d] = {"videos": len(vs), "usable_videos": len(ok), "frames": sum(len(v.frames) for v in vs),
-                     "annotated_frames": sum(sum(map(bool, v.annotated)) for v in vs),
-                     "clips": sum(1 for ps in plans.values() for p in ps if p.dataset == d)}
+    counts = {d: {**{k: r[k] for k in ("videos", "usable_videos", "frames", "annotated_frames")},
+                  "clips": sum(r["clips"].values())} for d, r in plan["datasets"].items()}
     total_clips = sum(s["clips"] for s in stats.values())
     total_bytes = sum(s["bytes"] for s in stats.values())
     source = sum(s.get("source_bytes", 0) for s in stats.values())
@@ -630,10 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(a.config, a.overrides, a.data_root, a.out)
     if a.plan:
         plan = plan_only(cfg, a.allow_missing, a.train_config, a.json)
-        unknown = sorted(set(a.allow_missing) - set(cfg["datasets"]))
-        refused = sorted(set(plan["missing"]) - set(a.allow_missing))
-        if unknown or refused:
-            check_missing(plan["missing"], a.allow_missing, cfg)
+        check_missing(plan["missing"], a.allow_missing, cfg)  # after the report: it shows what is missing
         return
     run(cfg, a.allow_missing, a.train_config)
 

@@ -1,9 +1,11 @@
 """Training-loader throughput, clips/s per worker (one process each, same machine, same run):
 
-  (a) data_pipeline.loader from WebDataset shards (decode + Cutie augmentation + collate);
-  (b) the same clips and augmentations read from the raw dataset folders frame by frame, as Cutie does
+  (a) data_pipeline.loader from WebDataset shards (decode + Cutie's augmentation + the uint8 batch; the colour
+      jitter is drawn there and applied by finish_batch on the device, which (f) times on this CPU);
+  (b) the same clips, decode and augmentation read from the raw dataset folders frame by frame, as Cutie does
       (JPEGImages/<video>/<frame>.jpg + Annotations/<video>/<frame>.png, one file per frame);
-  (c) bare decode of 8 JPEGs + 8 PNGs per clip from the shards (the loader's decoder), no augmentation.
+  (c) bare decode of 8 JPEGs + 8 PNGs per clip from the shards (the loader's decoder), no augmentation;
+  (d), (e) the same with PIL (Cutie's decoder) and with cv2 (this loader's decoder before simplejpeg).
 
 Prints (a)/(b) and the loader against the decode cost of the clips it actually needs: a fraction f of its clips
 (those < num_objects objects, times merge_probability) also decode a paste partner, so its ceiling is
@@ -13,7 +15,7 @@ folders: `--raw-root` (a DAVIS/YouTube-VOS layout, e.g. one written by
 (c) are written from exactly the clips (b) reads (contract format, docs/architecture.md section 2), so the only
 difference between (a) and (b) is the storage. Usage:
 
-    python benchmarks/bench_loader.py [--raw-root DIR] [--clips 40] [--crop 480] [--workdir /tmp/bench-loader]
+    python benchmarks/bench_loader.py [--raw-root DIR] [--clips 80] [--crop 480] [--workdir /tmp/bench-loader]
 """
 
 from __future__ import annotations
@@ -121,29 +123,71 @@ def bench_a(shards: Path, n: int, crop: int) -> tuple[float, float]:
 
 
 def bench_b(raw: Path, clips, crop: int) -> float:
-    """Cutie's path: one file open + decode per frame and mask, then the same augmentation + collate."""
-    from data_pipeline.loader import collate
-
+    """Cutie's storage: one file open + read per frame and per mask, then the loader's own decode (RGBX JPEG,
+    PNG masks) and augmentation (geometry from the masks, RGBX warps, a partner pasted inside its boxes, the colour
+    jitter drawn) and the same uint8 batch. Only the storage differs from (a); the partner is the next clip."""
     params = A.AugmentParams(crop_size=crop)
+    out = np.empty((T, crop, crop, 4), np.uint8)
+    cls = np.empty((T, crop, crop), np.uint8)
+
+    def read(vid, frames):
+        jpegs = [(raw / "JPEGImages" / vid / f"{f}.jpg").read_bytes() for f in frames]
+        masks = np.stack([L.decode_png_mask((raw / "Annotations" / vid / f"{f}.png").read_bytes(), f) for f in frames])
+        return jpegs, masks
+
+    def decode(jpegs, t, size, r):
+        return L.decode_jpeg(jpegs[t], f"{t:02d}.jpg", size, r, channels=4)
+
     t0 = time.perf_counter()
     for i, (vid, frames) in enumerate(clips):
         rng = np.random.default_rng([1, i])
-        imgs = np.stack([cv2.cvtColor(cv2.imread(str(raw / "JPEGImages" / vid / f"{f}.jpg")), cv2.COLOR_BGR2RGB)
-                         for f in frames])
-        masks = np.stack([np.asarray(Image.open(raw / "Annotations" / vid / f"{f}.png")) for f in frames])
-        imgs, masks, _ = A.maybe_reverse(rng, imgs, masks, params)
-        imgs, masks = A.geometric(rng, imgs, masks, params)
-        if rng.random() < params.merge_probability and len([v for v in np.unique(masks[0]) if v]) < 3:
-            vid2, frames2 = clips[(i + 1) % len(clips)]
-            f2 = np.stack([cv2.cvtColor(cv2.imread(str(raw / "JPEGImages" / vid2 / f"{f}.jpg")), cv2.COLOR_BGR2RGB)
-                           for f in frames2])
-            m2 = np.stack([np.asarray(Image.open(raw / "Annotations" / vid2 / f"{f}.png")) for f in frames2])
-            f2, m2 = A.geometric(rng, f2, m2, params)
-            imgs, masks, _ = A.merge(imgs, masks, f2, m2)
+        jpegs, masks = read(vid, frames)
+        size = masks.shape[1:]
+        order, masks, _ = A.maybe_reverse(rng, list(range(T)), masks, params)
+        m, masks = A.draw_clip_geometry(rng, masks, params)
+        r = A.decode_reduction(m, *size)
+        for k, t in enumerate(order):
+            A.warp_image(decode(jpegs, t, size, r), A.reduced_matrix(m, r), crop, out=out[k])
+        if len(A.ids_in(masks[0])) < params.num_objects and rng.random() < params.merge_probability:
+            jpegs2, masks2 = read(*clips[(i + 1) % len(clips)])
+            order2, masks2, _ = A.maybe_reverse(rng, list(range(T)), masks2, params)
+            try:
+                m2, wm2 = A.draw_clip_geometry(rng, masks2, params)
+            except A.NoObjectError:
+                wm2 = None
+            if wm2 is not None:
+                boxes = A.paste_boxes(wm2)
+                r2 = A.decode_reduction(m2, *size)
+                patches = []
+                for t, box in zip(order2, boxes, strict=True):
+                    if box is None:
+                        patches.append(None)
+                        continue
+                    mb = np.array(A.reduced_matrix(m2, r2))
+                    mb[0, 2] -= box[2]
+                    mb[1, 2] -= box[0]
+                    patches.append(A.warp_image(decode(jpegs2, t, size, r2), mb, (box[3] - box[2], box[1] - box[0])))
+                A.paste(out, masks, wm2, patches, boxes)
         objects = A.choose_objects(rng, masks[0], params.num_objects)
-        rgb = A.colour(rng, imgs, params)
-        collate([{"rgb": rgb, "cls": A.slot_maps(masks, objects), "objects": objects, "info": {}}])
+        jitter, grey = A.colour_draw(rng, T, params)
+        A.slot_maps(masks, objects, out=cls)
+        L.loader_batch(out[None], cls[None], [objects], jitter[None], np.array([grey]), [{}])
     return len(clips) / (time.perf_counter() - t0)
+
+
+def bench_finish(n: int, crop: int, batch: int = 4) -> float:
+    """finish_batch on this CPU, ms per clip (in training it runs on the device, after the copy)."""
+    rng = np.random.default_rng(0)
+    b = L.loader_batch(rng.integers(0, 256, (batch, T, crop, crop, 4), dtype=np.uint8),
+                       rng.integers(0, 3, (batch, T, crop, crop), dtype=np.uint8), [[1, 2]] * batch,
+                       np.stack([A.colour_draw(rng, T, A.AugmentParams())[0] for _ in range(batch)]),
+                       np.zeros(batch, bool), [{}] * batch)
+    L.finish_batch(b)
+    reps = max(1, n // batch)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        L.finish_batch(b)
+    return (time.perf_counter() - t0) / (reps * batch) * 1e3
 
 
 def bench_decode(shards: Path, n: int, decoder: str = "loader") -> float:
@@ -183,7 +227,7 @@ def bench_decode(shards: Path, n: int, decoder: str = "loader") -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw-root", type=Path, default=None, help="DAVIS/YouTube-VOS layout folder (default: generated)")
-    ap.add_argument("--clips", type=int, default=40)
+    ap.add_argument("--clips", type=int, default=80)
     ap.add_argument("--crop", type=int, default=480)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench-loader"))
     args = ap.parse_args(argv)
@@ -206,12 +250,15 @@ def main(argv=None) -> int:
     e = bench_decode(shards, len(clips), "cv2")
     a, pasted = bench_a(shards, len(clips), args.crop)
     b = bench_b(raw, clips, args.crop)
+    f = bench_finish(len(clips), args.crop)
     decoder = "simplejpeg" if L.simplejpeg is not None else "cv2"
     print(f"(a) loader from shards           : {a:7.2f} clips/s per worker ({pasted:.2f} of them pasted a partner)")
     print(f"(b) raw folders, frame by frame  : {b:7.2f} clips/s per worker")
     print(f"(c) bare decode 8 JPEG + 8 PNG   : {c:7.2f} clips/s per worker (JPEG: {decoder})")
     print(f"(d) the same decode with PIL     : {d:7.2f} clips/s per worker (Cutie's decoder)")
     print(f"(e) the same decode with cv2     : {e:7.2f} clips/s per worker (this loader's decoder before)")
+    print(f"(f) finish_batch on this CPU     : {f:7.2f} ms per clip (colour jitter + float conversion; on the "
+          "device in training, not in (a))")
     print(f"decode of the clips (a) needs, 1 + {pasted:.2f} per clip: {c / (1 + pasted):.2f} clips/s with (c), "
           f"{d / (1 + pasted):.2f} with (d), {e / (1 + pasted):.2f} with (e)")
     print(f"(a)/(b) = {a / b:.2f}   (a)/(c) = {a / c:.2f}   (a) against the decode it needs (target >= 0.8): "

@@ -192,12 +192,10 @@ def colour_matrix(b: float, c: float, s: float, mean_rgb: np.ndarray) -> np.ndar
     return np.concatenate([m, offset[:, None]], axis=1)
 
 
-def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, out: np.ndarray | None = None
-           ) -> np.ndarray:
-    """uint8 (T, H, W, 3) → float32 (T, 3, H, W) (channels first, as the batch) in [0, 1]: per-clip and per-frame
-    colour jitter (composed into one affine colour map per frame, run by OpenCV on uint8) and per-clip random
-    grayscale. `out`: where to write (e.g. the clip's slot of the batch tensor)."""
-    t = frames_u8.shape[0]
+def colour_draw(rng: np.random.Generator, t: int, p: AugmentParams) -> tuple[np.ndarray, bool]:
+    """The colour jitter of a clip of t frames: per-frame (brightness, contrast, saturation) factors (T, 3) float64
+    (per-clip factors times per-frame ones) and whether the clip goes grey. The only draws `colour` makes, in its
+    order, so a loader can ship the factors and apply them elsewhere (`data_pipeline.loader.finish_batch`)."""
 
     def factors(spread: tuple[float, float, float], n: int) -> np.ndarray:
         return np.stack([rng.uniform(1 - a, 1 + a, size=n) if a > 0 else np.ones(n) for a in spread], axis=1)
@@ -205,6 +203,15 @@ def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, ou
     clip = factors(p.clip_jitter, 1)[0]
     per_frame = factors(p.frame_jitter, t)
     gray = rng.random() < p.grayscale_probability
+    return clip[None, :] * per_frame, bool(gray)
+
+
+def apply_colour(frames_u8: np.ndarray, jitter: np.ndarray, gray: bool, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """uint8 (T, H, W, 3) → float32 (T, 3, H, W) (channels first, as the batch) in [0, 1]: frame i through the
+    affine colour map of its factors `jitter[i]` (run by OpenCV on uint8: one rounding, saturated), then grey
+    (OpenCV's RGB→GRAY) when `gray`. `out`: where to write. The reference the device version
+    (`data_pipeline.loader.finish_batch`) is tested against."""
     n, h, w, _ = frames_u8.shape
     if out is None:
         out = np.empty((n, 3, h, w), np.float32)
@@ -213,9 +220,9 @@ def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, ou
     jittered = np.empty((h, w, 3), np.uint8)
     planes = [np.empty((h, w), np.uint8) for _ in range(3)]
     grey = planes[0]
-    for i in range(t):
+    for i in range(n):
         f = np.ascontiguousarray(frames_u8[i])
-        b, c, s = clip * per_frame[i]
+        b, c, s = (float(v) for v in jitter[i])
         if (b, c, s) != (1.0, 1.0, 1.0):
             mean_rgb = np.array(cv2.mean(f)[:3])
             f = cv2.transform(f, colour_matrix(b, c, s, mean_rgb), dst=jittered)
@@ -228,6 +235,15 @@ def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, ou
         for ch, plane in enumerate(cv2.split(f, planes)):  # contiguous planes: a strided transpose is slower
             np.multiply(plane, scale, out=out[i, ch], casting="unsafe")
     return out
+
+
+def colour(rng: np.random.Generator, frames_u8: np.ndarray, p: AugmentParams, out: np.ndarray | None = None
+           ) -> np.ndarray:
+    """uint8 (T, H, W, 3) → float32 (T, 3, H, W) in [0, 1]: per-clip and per-frame colour jitter (torchvision
+    ColorJitter factors composed into one affine colour map per frame) and per-clip random grayscale:
+    `colour_draw` then `apply_colour`."""
+    jitter, gray = colour_draw(rng, frames_u8.shape[0], p)
+    return apply_colour(frames_u8, jitter, gray, out)
 
 
 # ----------------------------------------------------------------------------------------------- merge

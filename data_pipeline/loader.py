@@ -288,27 +288,30 @@ _CV2_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREA
                 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def decode_jpeg(data: bytes, name: str, size: tuple[int, int], reduce: int = 1, buffer: np.ndarray | None = None
-                ) -> np.ndarray:
-    """RGB uint8 (ceil(h / reduce), ceil(w / reduce), 3) of a JPEG whose header says `size` = (h, w); `reduce` in
-    {1, 2, 4, 8} decodes smaller by DCT scaling. `buffer`: a writable contiguous uint8 array of at least that many
-    bytes to decode into (the result is then a view of it: no fresh memory per frame). BadSample when undecodable
+def decode_jpeg(data: bytes, name: str, size: tuple[int, int], reduce: int = 1, buffer: np.ndarray | None = None,
+                channels: int = 3) -> np.ndarray:
+    """RGB uint8 (ceil(h / reduce), ceil(w / reduce), channels) of a JPEG whose header says `size` = (h, w);
+    `reduce` in {1, 2, 4, 8} decodes smaller by DCT scaling; `channels` 4 gives RGBX (the 4th channel 255), which
+    OpenCV warps over twice as fast as RGB. `buffer`: a writable contiguous uint8 array of at least that many bytes
+    to decode into (the result is then a view of it: no fresh memory per frame). BadSample when undecodable
     (simplejpeg: also on corrupt data that libjpeg only warns about)."""
+    if channels not in (3, 4):
+        raise ValueError(f"channels must be 3 (RGB) or 4 (RGBX), got {channels!r}")
     h, w = size
     want = (-(-h // reduce), -(-w // reduce))
     if simplejpeg is not None:
         kw: dict[str, Any] = {"min_height": want[0], "min_width": want[1]} if reduce > 1 else {}
-        if buffer is not None and buffer.nbytes >= want[0] * want[1] * 3:
+        if buffer is not None and buffer.nbytes >= want[0] * want[1] * channels:
             kw["buffer"] = buffer
         try:
-            img = simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
+            img = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "RGBX", **kw)
         except ValueError as e:
             raise BadSample(f"{name} is not a decodable JPEG: {e}") from e
     else:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_REDUCED[reduce])
         if bgr is None:
             raise BadSample(f"{name} is not a decodable JPEG")
-        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB if channels == 3 else cv2.COLOR_BGR2RGBA)
     if img.shape[:2] != want:
         raise BadSample(f"{name} decodes to {img.shape[1]}x{img.shape[0]}, its header says {w}x{h} (at 1/{reduce}: "
                         f"{want[1]}x{want[0]})")
@@ -629,29 +632,29 @@ class _Lane:
             return None
 
     def _decode(self, path: Path, s: Sample, t: int, reduce: int) -> np.ndarray:
-        """Frame t of `s` (RGB, at 1/reduce); BadSample when undecodable (each such frame is warned about once)."""
+        """Frame t of `s` (RGBX, at 1/reduce); BadSample when undecodable (each such frame is warned about once)."""
         if (path, s.key, t) in self.bad_frames:
             raise BadSample(f"{t:02d}.jpg is not a decodable JPEG (known)")
-        need = s.size[0] * s.size[1] * 3
+        need = s.size[0] * s.size[1] * 4
         if self.scratch.nbytes < need:
             self.scratch = np.empty(need, np.uint8)
         try:
             # into the lane's scratch: the frame is warped before the next one is decoded
-            return decode_jpeg(s.jpegs[t], f"{t:02d}.jpg", s.size, reduce, buffer=self.scratch)
+            return decode_jpeg(s.jpegs[t], f"{t:02d}.jpg", s.size, reduce, buffer=self.scratch, channels=4)
         except BadSample as e:
             log.warning("skipping sample %s in shard %s: %s", s.key, path, e)
             self.bad_frames.add((path, s.key, t))
             raise
 
-    def _warped(self, path: Path, s: Sample, order: list[int], m: np.ndarray) -> np.ndarray:
-        """The clip's frames in `order` through `m`: (T, crop, crop, 3) uint8, decoded as small as the warp allows."""
+    def _warped(self, path: Path, s: Sample, order: list[int], m: np.ndarray, out: np.ndarray) -> None:
+        """The clip's frames in `order` through `m` into `out` (T, crop, crop, 4) uint8 RGBX, decoded as small as
+        the warp allows. RGBX because OpenCV's 4-channel warp is SIMD and its 3-channel one is not (0.49 vs 1.22 ms
+        a 480² frame here), with bit-identical RGB."""
         size = self.params.crop_size
         r = A.decode_reduction(m, *s.size)
         mr = A.reduced_matrix(m, r)
-        out = np.empty((len(order), size, size, 3), np.uint8)
         for i, t in enumerate(order):
             A.warp_image(self._decode(path, s, t, r), mr, size, out=out[i])
-        return out
 
     def _patches(self, path: Path, s: Sample, order: list[int], m: np.ndarray, boxes: list) -> list:
         """The partner's warped pixels inside `boxes` only; frames whose box is None are not decoded at all."""
@@ -706,17 +709,17 @@ class _Lane:
         p = self.params
         order, masks, reversed_ = A.maybe_reverse(rng, list(range(self.cfg.num_frames)), s.masks, p)
         m, masks = A.draw_clip_geometry(rng, masks, p)  # NoObjectError: the caller takes the next draw
-        frames = self._warped(path, s, order, m)  # BadSample: the caller passes to the next sample
+        self._warped(path, s, order, m, rgb_out)  # BadSample: the caller passes to the next sample
         mapping: dict[int, int] = {}
         partner = None
         first_ids = A.ids_in(masks[0])
         if len(first_ids) < p.num_objects and rng.random() < p.merge_probability:
-            mapping, partner = self._partner(rng, s.key, frames, masks)
+            mapping, partner = self._partner(rng, s.key, rgb_out, masks)
         objects = A.choose_objects(rng, masks[0], p.num_objects, None if partner else first_ids)
-        A.colour(rng, frames, p, out=rgb_out)
+        jitter, grey = A.colour_draw(rng, self.cfg.num_frames, p)  # applied by finish_batch, on the device
         A.slot_maps(masks, objects, out=cls_out)
         meta = s.meta
-        return {"objects": objects,
+        return {"objects": objects, "jitter": jitter, "grey": grey,
                 "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
                          "frames": meta.get("frames") if not reversed_ else list(meta["frames"])[::-1],
                          "object_ids": objects, "level": level_name(self.cfg.max_skip[level]),
@@ -727,7 +730,8 @@ class _Lane:
 
     def _clip(self, rng: np.random.Generator, level: int, rgb_out: np.ndarray, cls_out: np.ndarray
               ) -> dict[str, Any]:
-        """The next clip of the stream, augmented into rgb_out (T, 3, S, S) float32 and cls_out (T, S, S) uint8."""
+        """The next clip of the stream, warped (and pasted) into rgb_out (T, S, S, 4) uint8 RGBX and cls_out (T, S, S)
+        uint8; its colour jitter is drawn and returned (`jitter`, `grey`), not applied."""
         while True:
             path, idx, pos = self._next_draw()
             for step in range(len(idx)):  # the clip at `pos`, or the next good one of the same shard
@@ -748,15 +752,15 @@ class _Lane:
         level = self.cfg.level_at(iteration)
         self._draws(iteration, level)
         b, t, size = self.cfg.batch_size, self.cfg.num_frames, self.params.crop_size
-        rgb = np.empty((b, t, 3, size, size), np.float32)
+        rgb = np.empty((b, t, size, size, 4), np.uint8)
         cls = np.empty((b, t, size, size), np.uint8)
         clips = []
         for slot in range(b):
             rng = np.random.default_rng([self.cfg.seed, 23, self.rank, iteration, slot])
             clips.append(self._clip(rng, level, rgb[slot], cls[slot]))
-        out = assemble(rgb, cls, [c["objects"] for c in clips], [c["info"] for c in clips])
-        out["info"] = [dict(c["info"], iteration=iteration) for c in clips]
-        return out
+        return loader_batch(rgb, cls, [c["objects"] for c in clips], np.stack([c["jitter"] for c in clips]),
+                            np.array([c["grey"] for c in clips]),
+                            [dict(c["info"], iteration=iteration) for c in clips])
 
     def close(self):
         for fh in self.handles.values():
@@ -784,6 +788,104 @@ def assemble(rgb: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], info
             selector[i, k] = 1.0
     return {"rgb": torch.from_numpy(rgb), "cls_gt": torch.from_numpy(cls_u8.astype(np.int64).reshape(b, t, 1, h, w)),
             "first_frame_gt": torch.from_numpy(first), "selector": torch.from_numpy(selector), "info": infos}
+
+
+def loader_batch(rgb_u8: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], jitter: np.ndarray,
+                 grey: np.ndarray, infos: list[dict]) -> dict[str, Any]:
+    """The training loader's batch (docs/architecture.md section 3): warped uint8 frames and slot maps, the colour
+    jitter still to apply, the object selector. A quarter of the float batch's bytes through the workers' shared
+    memory; `finish_batch` turns it into the model's batch, on the device."""
+    n = max(1, max(len(o) for o in objects))
+    selector = np.zeros((len(objects), n), np.float32)
+    for i, obj in enumerate(objects):
+        selector[i, :len(obj)] = 1.0
+    return {"rgb_u8": torch.from_numpy(rgb_u8), "cls": torch.from_numpy(cls_u8),
+            "jitter": torch.from_numpy(np.ascontiguousarray(jitter, np.float64)),
+            "grey": torch.from_numpy(np.asarray(grey, bool)), "selector": torch.from_numpy(selector), "info": infos}
+
+
+# OpenCV's RGB→GRAY on uint8: 0.299, 0.587, 0.114 in 15-bit fixed point, rounded (bit-identical to cv2.cvtColor)
+_GREY_FIXED = (9798, 19235, 3735)
+
+
+def _finish_rgb_torch(u8: torch.Tensor, jitter: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """finish_batch's colour on an accelerator: uint8 (B, T, H, W, 3) → float32 (B, T, 3, H, W)."""
+    b, t, h, w, _ = u8.shape
+    dev = u8.device
+    jit = jitter.to(dev, torch.float64)
+    bri, con, sat = jit.unbind(-1)  # (B, T) each
+    gw = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64, device=dev)
+    eye = torch.eye(3, dtype=torch.float64, device=dev)
+    mix = sat[..., None, None] * eye + (1.0 - sat)[..., None, None] * gw.expand(3, 3)  # rows: s e_i + (1 - s) w
+    mat = (mix * (con * bri)[..., None, None]).float()  # (B, T, 3, 3)
+    mean = u8.sum(dim=(2, 3), dtype=torch.int64).double() / float(h * w)  # (B, T, 3), as cv2.mean
+    off = ((1.0 - con) * (bri * (mean @ gw))).float()  # (B, T): the same for every channel
+    x = u8.permute(0, 1, 4, 2, 3).float()  # (B, T, 3, H, W)
+    y = torch.matmul(mat, x.reshape(b, t, 3, h * w)).view(b, t, 3, h, w) + off[:, :, None, None, None]
+    y = y.round_().clamp_(0.0, 255.0)
+    grey = grey.to(dev)
+    if bool(grey.any()):
+        yi = y[grey].to(torch.int32)
+        g = (yi[:, :, 0] * _GREY_FIXED[0] + yi[:, :, 1] * _GREY_FIXED[1] + yi[:, :, 2] * _GREY_FIXED[2] + 16384) >> 15
+        y[grey] = g.float()[:, :, None].expand(-1, -1, 3, -1, -1)
+    return y.mul_(torch.tensor(1.0 / 255.0, dtype=torch.float32, device=dev)).contiguous()
+
+
+def _finish_rgb_cv2(u8: np.ndarray, jitter: np.ndarray, grey: np.ndarray) -> np.ndarray:
+    """The same on the CPU with OpenCV in float32 (torch's CPU kernels take ~10x longer on one thread)."""
+    b, t, h, w, _ = u8.shape
+    out = np.empty((b, t, 3, h, w), np.float32)
+    scale = np.float32(1.0 / 255.0)
+    ff = np.empty((h, w, 3), np.float32)
+    planes = [np.empty((h, w), np.float32) for _ in range(3)]
+    g8 = np.empty((h, w), np.uint8)
+    for i in range(b):
+        for k in range(t):
+            f = np.ascontiguousarray(u8[i, k])
+            bb, c, s = (float(v) for v in jitter[i, k])
+            mean_rgb = np.array(cv2.mean(f)[:3])
+            m = A.colour_matrix(bb, c, s, mean_rgb).astype(np.float32)
+            np.copyto(ff, f, casting="unsafe")
+            y = cv2.transform(ff, m)
+            np.rint(y, out=y)
+            np.clip(y, 0.0, 255.0, out=y)
+            if grey[i]:
+                np.copyto(f, y, casting="unsafe")
+                cv2.cvtColor(f, cv2.COLOR_RGB2GRAY, dst=g8)
+                np.multiply(g8, scale, out=out[i, k, 0], casting="unsafe")
+                out[i, k, 1] = out[i, k, 0]
+                out[i, k, 2] = out[i, k, 0]
+                continue
+            for ch, plane in enumerate(cv2.split(y, planes)):
+                np.multiply(plane, scale, out=out[i, k, ch])
+    return out
+
+
+def finish_batch(batch: dict[str, Any], backend: str | None = None) -> dict[str, Any]:
+    """The model's batch (rgb float32 (B, T, 3, H, W) in [0, 1], cls_gt int64 (B, T, 1, H, W), first_frame_gt
+    float32 (B, 1, N, H, W), selector, info) from the loader's, on whatever device its tensors are: each frame
+    through its colour map (`augment.colour_matrix`: brightness, contrast about the frame's mean grey, saturation),
+    computed in float32 and rounded once, saturated to [0, 255]; grey clips to OpenCV's grey; then / 255. The
+    exact map up to float32 rounding, and within one level of `augment.apply_colour` (OpenCV's uint8 transform
+    quantises the matrix to 10 bits): tests/loader/test_finish_batch.py. `backend`: "torch" (any device) or
+    "cv2" (CPU tensors); by default cv2 on the CPU, where torch's kernels take several times longer, and torch
+    elsewhere. A batch that is already the model's passes through unchanged."""
+    if "rgb_u8" not in batch:
+        return batch
+    u8, cls, sel = batch["rgb_u8"][..., :3], batch["cls"], batch["selector"]  # RGB of RGB or RGBX
+    backend = backend or ("cv2" if u8.device.type == "cpu" else "torch")
+    if backend not in ("cv2", "torch"):
+        raise ValueError(f"finish_batch backend must be 'cv2' or 'torch', got {backend!r}")
+    if backend == "cv2":
+        rgb = torch.from_numpy(_finish_rgb_cv2(u8.numpy(), batch["jitter"].numpy(), batch["grey"].numpy()))
+    else:
+        rgb = _finish_rgb_torch(u8, batch["jitter"], batch["grey"])
+    n = sel.shape[1]
+    slots = torch.arange(1, n + 1, device=cls.device, dtype=cls.dtype)
+    first = (cls[:, 0, None] == slots[None, :, None, None]).float().unsqueeze(1)
+    out = {"rgb": rgb, "cls_gt": cls.long().unsqueeze(2), "first_frame_gt": first, "selector": sel}
+    out.update({k: v for k, v in batch.items() if k not in ("rgb_u8", "cls", "jitter", "grey", "selector")})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- loader

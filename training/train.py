@@ -198,16 +198,16 @@ def read_loss_log(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _to_device(batch: dict[str, Any], device, float_dtype) -> dict[str, Any]:
+    """The loader's batch (uint8 frames, colour jitter still to apply) onto the device, finished there into the
+    model's batch (data_pipeline.loader.finish_batch, in float32), its floating tensors then cast to float_dtype."""
     import torch
 
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if v.is_floating_point():
-                v = v.to(float_dtype)
-        out[k] = v
-    return out
+    from data_pipeline.loader import finish_batch
+
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = finish_batch(moved)
+    return {k: v.to(float_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in out.items()}
 
 
 def _memory_mb() -> float:
@@ -448,7 +448,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             done += 1
-            clips += int(batch["rgb"].shape[0])
+            clips += len(batch["info"])
             for k, v in out.items():
                 if k == "total_loss" or k.startswith("loss/"):
                     sums[k] = sums.get(k, 0.0) + float(v.detach().float())

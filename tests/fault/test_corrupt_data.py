@@ -212,7 +212,7 @@ def test_loader_warns_and_skips_bad_samples(corrupt_shards, caplog):
         it = iter(loader)
         for _ in range(batches):
             batch = next(it)
-            assert batch["rgb"].shape[0] == 2
+            assert batch["rgb_u8"].shape[0] == 2
             seen.update(i["key"] for i in batch["info"])
     assert c["no_frames"] not in seen and c["bad_mask"] not in seen  # skipped, not passed on
     assert c["evil"] in seen  # a sample with stray members is still good: the members are just never read

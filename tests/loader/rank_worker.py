@@ -17,7 +17,7 @@ def main() -> None:
     for batch in loader:
         keys.append([i["key"] for i in batch["info"]])
         levels.append(batch["info"][0]["level"])
-        shapes.append(list(batch["rgb"].shape))
+        shapes.append(list(batch["rgb_u8"].shape))
     with open(out, "w") as f:
         json.dump({"rank": loader.rank, "world_size": loader.world_size, "batches": len(keys), "keys": keys,
                    "levels": levels, "shapes": shapes, "stats": loader.stats()}, f)

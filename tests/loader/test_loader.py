@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import build_eval_loader, build_train_loader
+from data_pipeline.loader import build_eval_loader, build_train_loader, finish_batch
 from tests.loader.helpers import LOADER_KW, T, colour_of, small_set, take, write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,14 @@ def _loader(root, total=40, workers=0, batch_size=2, **kw):
 
 def test_batch_dict_layout(shards):
     root, _ = shards
-    b = take(_loader(root), 1)[0]
+    raw = take(_loader(root), 1)[0]
+    # the loader's batch: uint8 RGBX frames and slot maps, the colour jitter drawn but not yet applied
+    assert raw["rgb_u8"].shape == (2, T, 32, 32, 4) and raw["rgb_u8"].dtype == torch.uint8
+    assert raw["cls"].shape == (2, T, 32, 32) and raw["cls"].dtype == torch.uint8
+    assert raw["jitter"].shape == (2, T, 3) and raw["jitter"].dtype == torch.float64
+    assert raw["grey"].shape == (2,) and raw["grey"].dtype == torch.bool
+    b = finish_batch(raw)  # the model's batch (on the device, in training)
+    assert finish_batch(b) is b
     bs, n = b["selector"].shape
     assert b["rgb"].shape == (2, T, 3, 32, 32) and b["rgb"].dtype == torch.float32
     assert float(b["rgb"].min()) >= 0.0 and float(b["rgb"].max()) <= 1.0
@@ -62,7 +69,7 @@ def test_transform_moves_image_and_mask_together_and_ids_are_kept(shards):
     loader = _loader(root, total=30, merge_probability=0.0, clip_jitter=[0, 0, 0], frame_jitter=[0, 0, 0],
                      grayscale_probability=0.0)
     seen_reversed, checked = set(), 0
-    for b in loader:
+    for b in map(finish_batch, loader):
         for i, info in enumerate(b["info"]):
             ids = info["object_ids"]
             assert 1 <= len(ids) <= 3 and len(set(ids)) == len(ids)
@@ -91,7 +98,7 @@ def test_transform_moves_image_and_mask_together_and_ids_are_kept(shards):
 def test_merge_pastes_second_clip_objects_with_new_ids(shards):
     root, metas = shards
     merged = 0
-    for b in _loader(root, total=30, merge_probability=1.0):
+    for b in map(finish_batch, _loader(root, total=30, merge_probability=1.0)):
         for i, info in enumerate(b["info"]):
             assert 1 <= len(info["object_ids"]) <= 3
             own = set(metas[info["key"]]["all_object_ids"])
@@ -120,7 +127,7 @@ def test_curriculum_switches_at_scheduled_iterations(shards):
 
 def _same(a, b):
     assert [i["key"] for i in a["info"]] == [i["key"] for i in b["info"]]
-    for k in ("rgb", "cls_gt", "first_frame_gt", "selector"):
+    for k in ("rgb_u8", "cls", "jitter", "grey", "selector"):
         assert torch.equal(a[k], b[k]), k
 
 

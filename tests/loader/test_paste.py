@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline import augment as A
-from data_pipeline.loader import LoaderConfig, _Lane, _Pool, build_train_loader
+from data_pipeline.loader import LoaderConfig, _Lane, _Pool, build_train_loader, finish_batch
 from tests.loader.helpers import LOADER_KW, T, small_set, take
 
 
@@ -28,7 +28,7 @@ def test_partners_are_other_videos_from_several_shards(job_shards):
     loader = build_train_loader(str(job_shards), batch_size=4, rank=0, world_size=1, total_iterations=40,
                                 crop_size=64, num_workers=0, seed=0, merge_probability=1.0)
     pastes, clips = [], 0
-    for b in loader:
+    for b in map(finish_batch, loader):
         for i, info in enumerate(b["info"]):
             clips += 1
             assert (info["merged_from"] is None) == (not info["merged_ids"]) == (info["merged_shard"] is None)
@@ -122,7 +122,7 @@ def test_undecodable_jpegs_are_skipped_the_same_way_whatever_the_lane_knew(tmp_p
     for a, b in zip(full[13:], later, strict=True):
         assert [i["key"] for i in a["info"]] == [i["key"] for i in b["info"]]
         assert [i["merged_from"] for i in a["info"]] == [i["merged_from"] for i in b["info"]]
-        for k in ("rgb", "cls_gt", "first_frame_gt", "selector"):
+        for k in ("rgb_u8", "cls", "jitter", "grey", "selector"):
             assert torch.equal(a[k], b[k]), k
     infos = [i for b in full for i in b["info"]]
     assert not any("broken" in i["key"] for i in infos)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.loader import build_train_loader
+from data_pipeline.loader import build_train_loader, finish_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_loader_reads_the_shard_job_output(tmp_path):
     total = 20
     loader = build_train_loader(str(out), batch_size=2, rank=0, world_size=1, total_iterations=total,
                                 crop_size=64, num_workers=2, seed=0)
-    batches = list(loader)
+    batches = [finish_batch(b) for b in loader]
     assert len(batches) == total and loader.stats()["skipped"] == 0
     levels = [b["info"][0]["level"] for b in batches]
     assert levels == [loader.level_at(i) for i in range(total)] and len(set(levels)) == 3

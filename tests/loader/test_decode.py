@@ -97,3 +97,24 @@ def test_undecodable_jpegs_are_bad_samples(monkeypatch, fallback):
             L.decode_jpeg(data[: len(data) // 2] + b"\xff\xd9", "03.jpg", (96, 128))
     with pytest.raises(L.BadSample, match="header says 100x96"):  # a header that lies about the size
         L.decode_jpeg(data, "03.jpg", (96, 100))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_rgbx_decode_and_warp_give_the_rgb_ones(monkeypatch, fallback):
+    """The loader decodes and warps RGBX (OpenCV's 4-channel warp is SIMD): the RGB it yields is bit-identical to
+    decoding and warping RGB, with either decoder, at full and reduced size, into a caller's buffer too."""
+    if fallback:
+        monkeypatch.setattr(L, "simplejpeg", None)
+    data = _jpeg(_texture(96, 128, seed=5))
+    rng = np.random.default_rng(5)
+    for r in (1, 2):
+        rgb = L.decode_jpeg(data, "f.jpg", (96, 128), reduce=r)
+        buf = np.empty(96 * 128 * 4, np.uint8)
+        rgbx = L.decode_jpeg(data, "f.jpg", (96, 128), reduce=r, buffer=buf, channels=4)
+        assert rgbx.shape == (*rgb.shape[:2], 4) and np.array_equal(rgbx[..., :3], rgb)
+        assert (rgbx[..., 3] == 255).all() and (fallback or np.shares_memory(rgbx, buf))
+        for _ in range(5):
+            m = A.draw_geometry(rng, *rgb.shape[:2], A.AugmentParams(crop_size=40))
+            assert np.array_equal(A.warp_image(rgbx, m, 40)[..., :3], A.warp_image(rgb, m, 40))
+    with pytest.raises(ValueError, match="channels"):
+        L.decode_jpeg(data, "f.jpg", (96, 128), channels=1)

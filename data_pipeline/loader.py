@@ -793,8 +793,8 @@ def assemble(rgb: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], info
 def loader_batch(rgb_u8: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], jitter: np.ndarray,
                  grey: np.ndarray, infos: list[dict]) -> dict[str, Any]:
     """The training loader's batch (docs/architecture.md section 3): warped uint8 frames and slot maps, the colour
-    jitter still to apply, the object selector. A quarter of the float batch's bytes through the workers' shared
-    memory; `finish_batch` turns it into the model's batch, on the device."""
+    jitter still to apply, the object selector. A third of the float rgb's bytes (and an eighth of an int64
+    cls_gt's) through the workers' shared memory; `finish_batch` turns it into the model's batch, on the device."""
     n = max(1, max(len(o) for o in objects))
     selector = np.zeros((len(objects), n), np.float32)
     for i, obj in enumerate(objects):

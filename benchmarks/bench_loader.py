@@ -123,55 +123,38 @@ def bench_a(shards: Path, n: int, crop: int) -> tuple[float, float]:
 
 
 def bench_b(raw: Path, clips, crop: int) -> float:
-    """Cutie's storage: one file open + read per frame and per mask, then the loader's own decode (RGBX JPEG,
-    PNG masks) and augmentation (geometry from the masks, RGBX warps, a partner pasted inside its boxes, the colour
-    jitter drawn) and the same uint8 batch. Only the storage differs from (a); the partner is the next clip."""
+    """Cutie's storage: one file open + read per frame and per mask, then the loader's own augmentation
+    (`_Lane._augment`: geometry from the masks, RGBX decode and warps, a partner from a pool of the other clips
+    pasted inside its boxes, the colour jitter drawn) and the same uint8 batch. Only the storage differs from (a)."""
     params = A.AugmentParams(crop_size=crop)
-    out = np.empty((T, crop, crop, 4), np.uint8)
-    cls = np.empty((T, crop, crop), np.uint8)
+    cfg = L.LoaderConfig(batch_size=1, total_iterations=1, num_frames=T, crop_size=crop, num_workers=0)
+    lane = L._Lane(cfg, {0: []}, 0, 0, params)
 
-    def read(vid, frames):
-        jpegs = [(raw / "JPEGImages" / vid / f"{f}.jpg").read_bytes() for f in frames]
-        masks = np.stack([L.decode_png_mask((raw / "Annotations" / vid / f"{f}.png").read_bytes(), f) for f in frames])
-        return jpegs, masks
+    def read_raw(path: Path, key: str, fields: dict) -> L.Sample:
+        """As read_sample, from one file per frame and mask (path: the video's JPEGImages folder)."""
+        jpegs = [(path / f"{f}.jpg").read_bytes() for f in fields["frames"]]
+        size = L.jpeg_size(jpegs[0], "00.jpg")
+        for t, data in enumerate(jpegs[1:], start=1):
+            L.jpeg_size(data, f"{t:02d}.jpg")
+        ann = path.parent.parent / "Annotations" / path.name
+        masks = np.stack([L.decode_png_mask((ann / f"{f}.png").read_bytes(), f) for f in fields["frames"]])
+        return L.Sample(key, {"frames": fields["frames"]}, masks, jpegs, size)
 
-    def decode(jpegs, t, size, r):
-        return L.decode_jpeg(jpegs[t], f"{t:02d}.jpg", size, r, channels=4)
-
+    lane._read = read_raw
+    entries = [(raw / "JPEGImages" / vid, f"bench_{vid}_skip05_{i}", {"frames": frames})
+               for i, (vid, frames) in enumerate(clips)]
+    lane.stream_key = lane.pool_key = (0, 0)  # the paste pool: every clip (another video when there is one)
+    lane.pool = L._Pool(entries)
+    rgb = np.empty((1, T, crop, crop, 4), np.uint8)
+    cls = np.empty((1, T, crop, crop), np.uint8)
     t0 = time.perf_counter()
-    for i, (vid, frames) in enumerate(clips):
+    for i, (path, key, fields) in enumerate(entries):
         rng = np.random.default_rng([1, i])
-        jpegs, masks = read(vid, frames)
-        size = masks.shape[1:]
-        order, masks, _ = A.maybe_reverse(rng, list(range(T)), masks, params)
-        m, masks = A.draw_clip_geometry(rng, masks, params)
-        r = A.decode_reduction(m, *size)
-        for k, t in enumerate(order):
-            A.warp_image(decode(jpegs, t, size, r), A.reduced_matrix(m, r), crop, out=out[k])
-        if len(A.ids_in(masks[0])) < params.num_objects and rng.random() < params.merge_probability:
-            jpegs2, masks2 = read(*clips[(i + 1) % len(clips)])
-            order2, masks2, _ = A.maybe_reverse(rng, list(range(T)), masks2, params)
-            try:
-                m2, wm2 = A.draw_clip_geometry(rng, masks2, params)
-            except A.NoObjectError:
-                wm2 = None
-            if wm2 is not None:
-                boxes = A.paste_boxes(wm2)
-                r2 = A.decode_reduction(m2, *size)
-                patches = []
-                for t, box in zip(order2, boxes, strict=True):
-                    if box is None:
-                        patches.append(None)
-                        continue
-                    mb = np.array(A.reduced_matrix(m2, r2))
-                    mb[0, 2] -= box[2]
-                    mb[1, 2] -= box[0]
-                    patches.append(A.warp_image(decode(jpegs2, t, size, r2), mb, (box[3] - box[2], box[1] - box[0])))
-                A.paste(out, masks, wm2, patches, boxes)
-        objects = A.choose_objects(rng, masks[0], params.num_objects)
-        jitter, grey = A.colour_draw(rng, T, params)
-        A.slot_maps(masks, objects, out=cls)
-        L.loader_batch(out[None], cls[None], [objects], jitter[None], np.array([grey]), [{}])
+        try:
+            c = lane._augment(rng, 0, path, read_raw(path, key, fields), rgb[0], cls[0])
+        except A.NoObjectError:
+            continue  # the loader takes the next draw; here the clip is just not counted as augmented
+        L.loader_batch(rgb, cls, [c["objects"]], c["jitter"][None], np.array([c["grey"]]), [c["info"]])
     return len(clips) / (time.perf_counter() - t0)
 
 

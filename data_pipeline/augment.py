@@ -209,31 +209,35 @@ def colour_draw(rng: np.random.Generator, t: int, p: AugmentParams) -> tuple[np.
 def apply_colour(frames_u8: np.ndarray, jitter: np.ndarray, gray: bool, out: np.ndarray | None = None
                  ) -> np.ndarray:
     """uint8 (T, H, W, 3) → float32 (T, 3, H, W) (channels first, as the batch) in [0, 1]: frame i through the
-    affine colour map of its factors `jitter[i]` (run by OpenCV on uint8: one rounding, saturated), then grey
-    (OpenCV's RGB→GRAY) when `gray`. `out`: where to write. The reference the device version
-    (`data_pipeline.loader.finish_batch`) is tested against."""
+    affine colour map of its factors `jitter[i]`, computed by OpenCV in float32 (its uint8 transform would quantise
+    the matrix to 10 bits), rounded once and saturated; then OpenCV's grey when `gray`. `out`: where to write.
+    The CPU backend of `data_pipeline.loader.finish_batch`."""
     n, h, w, _ = frames_u8.shape
     if out is None:
         out = np.empty((n, 3, h, w), np.float32)
     scale = np.float32(1.0 / 255.0)
-    # scratch reused by every frame (fresh OpenCV outputs per frame cost more than the arithmetic)
-    jittered = np.empty((h, w, 3), np.uint8)
-    planes = [np.empty((h, w), np.uint8) for _ in range(3)]
-    grey = planes[0]
+    # scratch reused by every frame (fresh outputs per frame cost more than the arithmetic)
+    ff = np.empty((h, w, 3), np.float32)
+    planes = [np.empty((h, w), np.float32) for _ in range(3)]
+    y8 = np.empty((h, w, 3), np.uint8)
+    g8 = np.empty((h, w), np.uint8)
     for i in range(n):
         f = np.ascontiguousarray(frames_u8[i])
         b, c, s = (float(v) for v in jitter[i])
-        if (b, c, s) != (1.0, 1.0, 1.0):
-            mean_rgb = np.array(cv2.mean(f)[:3])
-            f = cv2.transform(f, colour_matrix(b, c, s, mean_rgb), dst=jittered)
+        m = colour_matrix(b, c, s, np.array(cv2.mean(f)[:3])).astype(np.float32)
+        np.copyto(ff, f, casting="unsafe")
+        y = cv2.transform(ff, m)
+        np.rint(y, out=y)
+        np.clip(y, 0.0, 255.0, out=y)
         if gray:
-            cv2.cvtColor(f, cv2.COLOR_RGB2GRAY, dst=grey)
-            np.multiply(grey, scale, out=out[i, 0], casting="unsafe")
+            np.copyto(y8, y, casting="unsafe")  # rounded and saturated: exact in uint8
+            cv2.cvtColor(y8, cv2.COLOR_RGB2GRAY, dst=g8)
+            np.multiply(g8, scale, out=out[i, 0], casting="unsafe")
             out[i, 1] = out[i, 0]
             out[i, 2] = out[i, 0]
             continue
-        for ch, plane in enumerate(cv2.split(f, planes)):  # contiguous planes: a strided transpose is slower
-            np.multiply(plane, scale, out=out[i, ch], casting="unsafe")
+        for ch, plane in enumerate(cv2.split(y, planes)):  # contiguous planes: a strided transpose is slower
+            np.multiply(plane, scale, out=out[i, ch])
     return out
 
 

@@ -61,6 +61,7 @@ from PIL import Image
 
 from data_pipeline import augment as A
 from data_pipeline.readers.base import ids_present
+from data_pipeline.shard import stats_path  # the name the shard job gives a tar's stats (sha256) file
 
 try:
     import simplejpeg
@@ -230,11 +231,6 @@ def _pax_records(data: bytes) -> dict[str, str] | None:
             return None
         pos += length
     return out
-
-
-def stats_path(shard: Path) -> Path:
-    """shard-NNNNNN.tar → shard-NNNNNN.stats.json (written by data_pipeline.shard after the tar)."""
-    return shard.with_name(shard.name.replace(".tar", ".stats.json"))
 
 
 def file_sha256(path: Path) -> str:
@@ -775,17 +771,23 @@ def collate(clips: list[dict[str, Any]]) -> dict[str, Any]:
     return assemble(rgb, cls, [c["objects"] for c in clips], [c["info"] for c in clips])
 
 
+def _selector(objects: list[list[int]]) -> np.ndarray:
+    """float32 (B, N): 1 for each clip's object slots, 0 for padding up to the batch's largest count (N >= 1)."""
+    selector = np.zeros((len(objects), max(1, max(len(o) for o in objects))), np.float32)
+    for i, obj in enumerate(objects):
+        selector[i, :len(obj)] = 1.0
+    return selector
+
+
 def assemble(rgb: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]], infos: list[dict]) -> dict[str, Any]:
     """The batch dict from rgb (B, T, 3, H, W) float32 and slot maps (B, T, H, W) uint8 (numpy buffers: numpy
     reuses freed memory where fresh torch tensors of this size page-fault on every batch)."""
-    n = max(1, max(len(o) for o in objects))
+    selector = _selector(objects)
     b, t, h, w = cls_u8.shape
-    first = np.zeros((b, 1, n, h, w), np.float32)
-    selector = np.zeros((b, n), np.float32)
+    first = np.zeros((b, 1, selector.shape[1], h, w), np.float32)
     for i, obj in enumerate(objects):
         for k in range(len(obj)):
             np.equal(cls_u8[i, 0], k + 1, out=first[i, 0, k], casting="unsafe")
-            selector[i, k] = 1.0
     return {"rgb": torch.from_numpy(rgb), "cls_gt": torch.from_numpy(cls_u8.astype(np.int64).reshape(b, t, 1, h, w)),
             "first_frame_gt": torch.from_numpy(first), "selector": torch.from_numpy(selector), "info": infos}
 
@@ -795,10 +797,7 @@ def loader_batch(rgb_u8: np.ndarray, cls_u8: np.ndarray, objects: list[list[int]
     """The training loader's batch (docs/architecture.md section 3): warped uint8 frames and slot maps, the colour
     jitter still to apply, the object selector. A third of the float rgb's bytes (and an eighth of an int64
     cls_gt's) through the workers' shared memory; `finish_batch` turns it into the model's batch, on the device."""
-    n = max(1, max(len(o) for o in objects))
-    selector = np.zeros((len(objects), n), np.float32)
-    for i, obj in enumerate(objects):
-        selector[i, :len(obj)] = 1.0
+    selector = _selector(objects)
     return {"rgb_u8": torch.from_numpy(rgb_u8), "cls": torch.from_numpy(cls_u8),
             "jitter": torch.from_numpy(np.ascontiguousarray(jitter, np.float64)),
             "grey": torch.from_numpy(np.asarray(grey, bool)), "selector": torch.from_numpy(selector), "info": infos}
@@ -832,32 +831,12 @@ def _finish_rgb_torch(u8: torch.Tensor, jitter: torch.Tensor, grey: torch.Tensor
 
 
 def _finish_rgb_cv2(u8: np.ndarray, jitter: np.ndarray, grey: np.ndarray) -> np.ndarray:
-    """The same on the CPU with OpenCV in float32 (torch's CPU kernels take ~10x longer on one thread)."""
+    """The same on the CPU: `augment.apply_colour` clip by clip (torch's one-thread CPU kernels take about 3x
+    longer)."""
     b, t, h, w, _ = u8.shape
     out = np.empty((b, t, 3, h, w), np.float32)
-    scale = np.float32(1.0 / 255.0)
-    ff = np.empty((h, w, 3), np.float32)
-    planes = [np.empty((h, w), np.float32) for _ in range(3)]
-    g8 = np.empty((h, w), np.uint8)
     for i in range(b):
-        for k in range(t):
-            f = np.ascontiguousarray(u8[i, k])
-            bb, c, s = (float(v) for v in jitter[i, k])
-            mean_rgb = np.array(cv2.mean(f)[:3])
-            m = A.colour_matrix(bb, c, s, mean_rgb).astype(np.float32)
-            np.copyto(ff, f, casting="unsafe")
-            y = cv2.transform(ff, m)
-            np.rint(y, out=y)
-            np.clip(y, 0.0, 255.0, out=y)
-            if grey[i]:
-                np.copyto(f, y, casting="unsafe")
-                cv2.cvtColor(f, cv2.COLOR_RGB2GRAY, dst=g8)
-                np.multiply(g8, scale, out=out[i, k, 0], casting="unsafe")
-                out[i, k, 1] = out[i, k, 0]
-                out[i, k, 2] = out[i, k, 0]
-                continue
-            for ch, plane in enumerate(cv2.split(y, planes)):
-                np.multiply(plane, scale, out=out[i, k, ch])
+        A.apply_colour(u8[i], jitter[i], bool(grey[i]), out=out[i])
     return out
 
 
@@ -866,10 +845,9 @@ def finish_batch(batch: dict[str, Any], backend: str | None = None) -> dict[str,
     float32 (B, 1, N, H, W), selector, info) from the loader's, on whatever device its tensors are: each frame
     through its colour map (`augment.colour_matrix`: brightness, contrast about the frame's mean grey, saturation),
     computed in float32 and rounded once, saturated to [0, 255]; grey clips to OpenCV's grey; then / 255. The
-    exact map up to float32 rounding, and within one level of `augment.apply_colour` (OpenCV's uint8 transform
-    quantises the matrix to 10 bits): tests/loader/test_finish_batch.py. `backend`: "torch" (any device) or
-    "cv2" (CPU tensors); by default cv2 on the CPU, where torch's kernels take several times longer, and torch
-    elsewhere. A batch that is already the model's passes through unchanged."""
+    exact map up to float32 rounding: tests/loader/test_finish_batch.py. `backend`: "torch" (any device) or "cv2"
+    (CPU tensors: `augment.apply_colour`); by default cv2 on the CPU, where torch's kernels take about 3x longer,
+    and torch elsewhere. A batch that is already the model's passes through unchanged."""
     if "rgb_u8" not in batch:
         return batch
     u8, cls, sel = batch["rgb_u8"][..., :3], batch["cls"], batch["selector"]  # RGB of RGB or RGBX

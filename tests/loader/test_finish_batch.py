@@ -1,5 +1,5 @@
 """finish_batch (the colour jitter and dtype conversion, run on the device) against the definitions: the exact
-colour map in float64, OpenCV's grey, the numpy/OpenCV path the loader used before (augment.apply_colour), and the
+colour map in float64, OpenCV's grey, the numpy/OpenCV implementation (augment.apply_colour, the CPU backend), and the
 layout ClipTrainer takes."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_colour_equals_the_exact_map_and_opencv_within_one_level(seed, grey_p, r
     assert np.array_equal(rgb[0, 0], frames[0, 0].transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255)) \
         or grey[0]  # identity jitter: the frame itself
     cv = np.stack([A.apply_colour(frames[i], jitter[i], bool(grey[i])) for i in range(len(frames))])
-    assert np.abs(rgb - cv).max() <= 1 / 255 + 1e-6  # OpenCV's uint8 transform quantises the matrix
+    assert np.abs(rgb - cv).max() <= 1 / 255 + 1e-6  # the two float32 implementations differ only at ties
     if grey.any():
         g = rgb[grey]
         assert np.array_equal(g[:, :, 0], g[:, :, 1]) and np.array_equal(g[:, :, 1], g[:, :, 2])

@@ -12,6 +12,7 @@ CONSTRAINTS := constraints/$(TORCH).txt
 TORCH_SPEC_cpu := torch==2.13.0+cpu
 TORCH_SPEC_cuda := torch==2.13.0
 STAMP := $(VENV)/.installed-$(TORCH)
+OPS_STAMP := $(VENV)/.ops-$(TORCH)
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
@@ -20,7 +21,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install demo test test-fast lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(OPS_STAMP)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ $(STAMP): $(VENV)/bin/python pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
 	$(PIP) check
 	$(PY) -c "import torch; print('torch', torch.__version__)"
+	touch $@
+
+# DeepSpeed's one JIT-compiled op for CPU ranks (1-2 min of C++), built once into .venv/torch_extensions, where the
+# trainer looks (training/ds_ops.py); a no-op for CUDA.
+$(OPS_STAMP): $(STAMP)
+	$(PY) -m training.ds_ops
 	touch $@
 
 demo: install

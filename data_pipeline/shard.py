@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import secrets
 import socket
 import sys
 import tarfile
@@ -505,15 +506,67 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def init_ray(num_cpus: int):
-    import ray
+LOOPBACK = "127.0.0.1"
 
-    if os.environ.get("RAY_JOB_ID"):  # running under `ray job submit`: attach to that cluster
-        ray.init()
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+
+def _private_ray_token() -> None:
+    """Create ~/.ray/auth_token readable by its owner only, when token auth is on and no token is configured.
+
+    Ray would generate the same file (64 hex digits) on the first local `ray.init`, but with the process umask
+    (0644 usually): on a shared machine other users could then read it, and the token is what keeps them out of
+    this user's local Ray. Nothing is created when RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH names the token, and an
+    existing file is left as it is."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+
+
+def init_ray(num_cpus: int):
+    """Attach to the cluster the job was submitted to (RAY_JOB_ID) or named (RAY_ADDRESS); otherwise start a local
+    Ray for this job alone, on 127.0.0.1 only and with token authentication on."""
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        if os.environ.get("RAY_JOB_ID"):  # running under `ray job submit`: attach to that cluster
+            ray.init()
+        else:
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        return ray
+
+    # Token auth, set explicitly. Ray 2.60 (pinned) turns it on by default for a new local cluster and says so on
+    # every run ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out"). Loopback keeps other
+    # machines out but not other users of this one; the token does. A RAY_AUTH_MODE of the user's own wins. Ray
+    # reads the mode once, at import: set it later and the driver and the GCS it starts disagree, so when Ray is
+    # already imported it is left to Ray's default (the same mode, with its warning).
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        _private_ray_token()
+    import ray
+    from ray._private import ray_constants
+
+    # Loopback. A node IP of 127.0.0.1 makes every Ray process bind its ports there (GCS, raylet and object
+    # manager, workers, dashboard and runtime-env agents, metrics), but ray.init replaces a loopback
+    # _node_ip_address with the machine's routable address unless Ray is in its single-machine mode (macOS and
+    # Windows: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at import into ray_constants.ENABLE_RAY_CLUSTER). That
+    # mode only matters while the node starts: Ray's processes get the node IP on their command lines.
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
+                 log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # another Ray version resolving the address otherwise: refuse rather than listen
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not {LOOPBACK}: its ports would be reachable from "
+                           f"the network (Ray {ray.__version__}); set RAY_ADDRESS to use a cluster instead")
     return ray
 
 
@@ -614,8 +667,8 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.shard", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--data-root")
     ap.add_argument("--out")
@@ -624,17 +677,37 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-config", help="a training config: the report shows each clip's reuse over its schedule")
     ap.add_argument("--allow-missing", action="append", default=[], metavar="DATASET",
                     help="shard without DATASET when it yields no usable video (repeatable)")
+    ap.add_argument("--debug", action="store_true", help="print the full traceback of an error too")
     ap.add_argument("overrides", nargs="*", help="key=value (YAML values)")
     a = ap.parse_args(argv)
     if a.json and not a.plan:
         ap.error("--json goes with --plan")
+    from model import cli
+
+    try:
+        return _main(a)
+    except SystemExit as e:  # the job's own refusals (config, --out, missing datasets): one line, exit 2
+        if not isinstance(e.code, str):
+            raise
+        return cli.report(e, cli.EXIT_USAGE, e.code, debug=a.debug)
+
+
+def _main(a: argparse.Namespace) -> int:
+    from model import cli
+
+    if not Path(a.config).is_file():
+        raise SystemExit(f"shard config not found: {a.config}")
     cfg = load_config(a.config, a.overrides, a.data_root, a.out)
     if a.plan:
         plan = plan_only(cfg, a.allow_missing, a.train_config, a.json)
         check_missing(plan["missing"], a.allow_missing, cfg)  # after the report: it shows what is missing
-        return
-    run(cfg, a.allow_missing, a.train_config)
+        return 0
+
+    def job() -> None:
+        run(cfg, a.allow_missing, a.train_config)
+
+    return cli.run_cli(job, debug=a.debug, disk=[cfg["out"]])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

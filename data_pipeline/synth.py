@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -205,29 +206,51 @@ def synth_burst(root: Path, rng, videos: int, t: int, h: int, w: int) -> None:
     (base / "train" / "all_classes.json").write_text(json.dumps({"split": "train", "sequences": seqs}))
 
 
-def synthesize(out: Path, seed: int = 0, videos: int = 4, small: bool = False,
+DATASETS = ("YouTubeVOS", "DAVIS", "OVIS", "MOSE", "BURST")
+SMALL_VIDEOS = 3
+DEFAULT_VIDEOS = 4
+
+
+def synthesize(out: Path, seed: int = 0, videos: int | None = None, small: bool = False,
                size: tuple[int, int, int] | None = None) -> Path:
-    """`size` (frames, height, width) overrides the default video size (benchmarks synthesise 720p)."""
+    """Write `videos` videos per dataset (default 3 with `small`, else 4).
+
+    `small` makes 20 frames of 160x120 (else 24 of 256x192); `size` (frames, height, width) overrides either
+    (benchmarks synthesise 720p).
+    """
     t, h, w = (20, 120, 160) if small else (24, 192, 256)
     if size is not None:
         t, h, w = size
-    if small:
-        videos = min(videos, 3)
+    if videos is None:
+        videos = SMALL_VIDEOS if small else DEFAULT_VIDEOS
+    if videos < 1:
+        raise ValueError(f"--videos must be at least 1, got {videos}")
     for k, fn in enumerate((synth_youtubevos, synth_davis, synth_ovis, synth_mose, synth_burst)):
         fn(out, np.random.default_rng([seed, k]), videos, t, h, w)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipeline.synth", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--videos", type=int, default=4)
-    ap.add_argument("--small", action="store_true", help="3 videos, 20 frames of 160x120 per dataset")
+    ap.add_argument("--videos", type=int, default=None,
+                    help=f"videos per dataset (default {DEFAULT_VIDEOS}, or {SMALL_VIDEOS} with --small)")
+    ap.add_argument("--small", action="store_true", help="20 frames of 160x120 per video (default 24 of 256x192)")
     a = ap.parse_args(argv)
+    if a.videos is not None and a.videos < 1:
+        ap.error(f"--videos must be at least 1, got {a.videos}")
+    taken = [d for d in DATASETS if (a.out / d).is_dir() and any((a.out / d).iterdir())]
+    if taken:  # a second run into the same folder would mix two data sets under one name
+        print(f"error: {a.out} already holds {', '.join(taken)}: give an empty --out", file=sys.stderr)
+        return 2
     synthesize(a.out, a.seed, a.videos, a.small)
-    print(f"synthetic datasets written to {a.out}")
+    t, h, w = (20, 120, 160) if a.small else (24, 192, 256)
+    n = a.videos if a.videos is not None else (SMALL_VIDEOS if a.small else DEFAULT_VIDEOS)
+    per = ", ".join(f"{d} {n}" + (f" train + {max(2, n // 2)} val" if d == "DAVIS" else "") for d in DATASETS)
+    print(f"wrote {per} videos of {t} frames at {w}x{h} (seed {a.seed}) into {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

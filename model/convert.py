@@ -7,8 +7,9 @@
         IN: our state dict; OUT: a plain state dict in the official names.
 
 The renames live in `model.layouts`. Every source tensor is mapped or listed as known-unused; an unknown key,
-a shape mismatch or a missing key fails naming the key (exit code 2, one line). `--config` defaults to the
-layout's own config (cutie → cutie_base, s3-release → s3).
+a shape mismatch or a missing key fails naming the key (exit code 2, one line), as does a missing IN or an OUT
+that cannot be written; a full disk while writing OUT is exit 4 (model.cli; --debug adds the traceback).
+`--config` defaults to the layout's own config (cutie → cutie_base, s3-release → s3).
 
 `load_network_from_checkpoint(path)` builds our network from any of the three layouts without reading any
 ImageNet / Depth-Anything file: the checkpoint holds every weight, so the encoders are built randomly
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from model import weights
+from model import cli, weights
 from model.layouts import LAYOUTS, OURS, Layout, detect_layout, get_layout
 
 # A consolidated checkpoint holds every weight: build the network without reading any pretrained file.
@@ -272,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="our model config (name or YAML); default: the layout's own")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
-    return p
+    return cli.add_debug_flag(p)
 
 
 def run(args: argparse.Namespace) -> ConversionReport:
@@ -293,25 +294,31 @@ def run(args: argparse.Namespace) -> ConversionReport:
     else:
         _check_layout(state, OURS, str(src))
         out, report = from_ours(state, layout, expected, config, str(src))
+    written = []
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, dst)
-        if args.src:
-            write_sidecar(dst, model_cfg)
-    except OSError as err:
-        raise ConversionError(f"cannot write {dst}: {err}") from None
+        with cli.about("OUT", dst, "cannot write"):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            written.append(dst)
+            torch.save(out, dst)
+            if args.src:
+                written.append(sidecar_path(dst))
+                write_sidecar(dst, model_cfg)
+    except BaseException:
+        for path in written:  # no half-written file is left to be mistaken for a converted one
+            path.unlink(missing_ok=True)
+        raise
     print(report.text(str(src), str(dst) + (f" (+ {sidecar_path(dst).name})" if args.src else "")))
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def convert() -> int:
         run(args)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli.run_cli(convert, debug=args.debug, user_errors=(ConversionError,), disk=[Path(args.output).parent])
 
 
 if __name__ == "__main__":

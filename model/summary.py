@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from model import cli
+
 # random initialisation of both encoders: no pretrained file is read (tests, benchmarks, summaries)
 RANDOM_ENCODER = {"pixel_encoder": {"init": "random", "weights": None}, "mask_encoder": {"weights": None}}
 
@@ -65,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.summary", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="model config name (model/configs/NAME.yaml) or path")
     parser.add_argument("--indent", type=int, default=2)
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    # an unknown config name, a missing or invalid YAML: one line naming it, exit 2 (model.cli)
+    return cli.run_cli(lambda: _run(args), debug=args.debug, user_errors=(ValueError,))
+
+
+def _run(args: argparse.Namespace) -> int:
     _, network = build_network_for_counting(args.config)
     summary = {"config": args.config, **summarize(network)}
     json.dump(summary, sys.stdout, indent=args.indent)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cli
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TILE = 256  # overview tile height in pixels
@@ -158,13 +160,24 @@ def capture_feature_maps(encoder: nn.Module, rgb: np.ndarray) -> dict[str, torch
     return dict(sorted(cropped.items()))
 
 
+class ImageWriteError(OSError):
+    """cv2.imwrite failed; OpenCV gives no reason."""
+
+
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    """cv2.imwrite, which returns False instead of raising (a full disk, a read-only folder): raise, naming it."""
+    if not cv2.imwrite(str(path), image):
+        raise ImageWriteError(f"cannot write {path}: OpenCV gives no reason (a folder that is not writable, or a "
+                              f"full disk: {cli.free_space(path.parent) or 'free space unknown'})")
+
+
 def render_feature_maps(encoder: nn.Module, rgb: np.ndarray, out_dir: str | Path) -> list[Path]:
     """Write `<name>_pca.png`, `<name>_norm.png`, `input.png`, `overview.png` and `index.json`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     height, width = rgb.shape[:2]
     written = [out_dir / "input.png"]
-    cv2.imwrite(str(written[0]), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    _imwrite(written[0], cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     index: dict[str, Any] = {"image_size": [height, width], "maps": {}}
     tiles = {"input": _tile("input", rgb)}
     for name, fmap in capture_feature_maps(encoder, rgb).items():
@@ -172,14 +185,14 @@ def render_feature_maps(encoder: nn.Module, rgb: np.ndarray, out_dir: str | Path
         for kind, picture in (("pca", pca_rgb(fmap)), ("norm", norm_heatmap(fmap))):
             big = cv2.resize(picture, (width, height), interpolation=cv2.INTER_NEAREST)
             path = out_dir / f"{name}_{kind}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+            _imwrite(path, cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
             written.append(path)
             entry[kind] = path.name
             if kind == "pca":
                 tiles[name] = _tile(name, big)
         index["maps"][name] = entry
     overview = out_dir / "overview.png"
-    cv2.imwrite(str(overview), cv2.cvtColor(_overview(tiles), cv2.COLOR_RGB2BGR))
+    _imwrite(overview, cv2.cvtColor(_overview(tiles), cv2.COLOR_RGB2BGR))
     (out_dir / "index.json").write_text(json.dumps(index, indent=2))
     return [*written, overview, out_dir / "index.json"]
 
@@ -247,10 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", required=True, help="an RGB frame (jpg/png)")
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
     parser.add_argument("--size", type=int, default=480, help="resize the short side to this (0: keep)")
+    cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
+    # a missing image or weights file, an unknown config, a weights file of another network, an --out that
+    # cannot be written: one line naming it, exit 2; a full disk: exit 4 (model.cli)
+    return cli.run_cli(lambda: _run(args), debug=args.debug, user_errors=(ValueError, ImageWriteError),
+                       disk=[args.out])
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.weights is not None and not Path(args.weights).is_file():  # before the network is built
+        raise cli.CliError(f"weights file not found: {args.weights}")
     rgb = read_frame(args.image, args.size or None)
     network = load_network(args.config, args.weights)
-    written = render_feature_maps(network.pixel_encoder, rgb, args.out)
+    with cli.about("--out", args.out, "cannot write the feature maps"):
+        written = render_feature_maps(network.pixel_encoder, rgb, args.out)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 

@@ -10,18 +10,22 @@ purge. DeepSpeed's own `latest` file is written too but not trusted: it is updat
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from model.cli import one_line, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +108,65 @@ def save(engine, ckpt_dir: str | os.PathLike, iteration: int, client_state: dict
         # A leftover of a save that died before its marker (or a rerun of the same iteration): start clean.
         shutil.rmtree(ref.path)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    except Exception as e:
+        if write_failure(e) is None:
+            raise
+        raise CheckpointWriteError(_failed_save(ref, e)) from e  # a full disk: say so, give the space back
     _barrier()  # every rank's shards are on disk before the marker says so
     if _rank() == 0:
         tmp = ref.path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"iteration": iteration, "tag": tag,
-                                   "config_hash": client_state.get("config_hash"),
-                                   "config": client_state.get("config"),  # a resume diffs against it
-                                   "mlflow_run_id": client_state.get("mlflow_run_id"),
-                                   "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
-        os.replace(tmp, ref.path / MARKER)
+        try:
+            tmp.write_text(json.dumps({"iteration": iteration, "tag": tag,
+                                       "config_hash": client_state.get("config_hash"),
+                                       "config": client_state.get("config"),  # a resume diffs against it
+                                       "mlflow_run_id": client_state.get("mlflow_run_id"),
+                                       "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
+            os.replace(tmp, ref.path / MARKER)
+        except OSError as e:
+            if write_failure(e) is None:
+                raise
+            raise CheckpointWriteError(_failed_save(ref, e)) from e
         purge(root, keep_last)
     _barrier()
     return ref
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or its consolidated weights) could not be written, most often a full disk; what it left
+    half-written has been removed."""
+
+
+def raise_write_failure(error: BaseException, what: str) -> None:
+    """If `error` is a failed write (model.cli.write_failure: a full disk, torch.save's 'unexpected pos'), raise
+    a CheckpointWriteError naming `what` (chained to it); else return (the caller re-raises `error`)."""
+    if isinstance(error, Exception) and write_failure(error) is not None:
+        raise CheckpointWriteError(f"{what} not written ({one_line(str(error))}); the partial file was "
+                                   "removed") from error
+
+
+def release_failed_write(error: BaseException) -> None:
+    """Let go of the file a failed torch.save still holds open. Its C++ writer lives on in the locals of the
+    frames of `error`'s traceback: until they go, a deleted partial file keeps its blocks, and on a full disk the
+    MLflow run's final status and the error report have no room to be written."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # finished frames only; the ones still running are skipped
+        e = e.__cause__ or e.__context__
+    gc.collect()
+
+
+def _failed_save(ref: CheckpointRef, error: BaseException) -> str:
+    """Remove what a failed save left of `ref` (never resumed from, and on a full disk its bytes are what MLflow
+    and the error report need to finish) and describe the failure in one line."""
+    release_failed_write(error)
+    size = sum(p.stat().st_size for p in ref.path.rglob("*") if p.is_file()) if ref.path.is_dir() else 0
+    shutil.rmtree(ref.path, ignore_errors=True)
+    removed = f"; its incomplete files ({size / 2**20:.1f} MiB) were removed" if size else ""
+    return f"checkpoint {ref.path} was not written ({one_line(str(error))}){removed}"
 
 
 def purge(ckpt_dir: Path, keep_last: int) -> None:
@@ -219,8 +269,14 @@ def consolidate(ref: CheckpointRef, out_file: str | os.PathLike) -> Path:
              for k, v in state.items()}
     tmp = out.with_suffix(out.suffix + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except BaseException as e:
+        release_failed_write(e)
+        tmp.unlink(missing_ok=True)  # a partial file (a full disk): give its space back
+        raise_write_failure(e, f"consolidated weights {out}")
+        raise
     return out
 
 

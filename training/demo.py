@@ -196,6 +196,8 @@ def main() -> int:
           f"copy-first-mask {baseline['J&F-Mean']:.4f}")
     print(f"wall time            {summary['wall_seconds']:.0f} s")
     print(f"browse the run:      .venv/bin/{summary['mlflow_ui']}")
+    print("then open            http://127.0.0.1:5000/#/experiments?workflowType=machine_learning  (the sidebar's "
+          "Model training view; README section 3)")
     return 0 if summary["champion_beats_baseline"] and summary["champion_beats_untrained"] else 1
 
 

@@ -11,6 +11,11 @@ Predictions go to OUT/Annotations/<seq>/<frame>.png; scores (the official davis2
 `summary.json` with every setting used, and the submission zip go to OUT itself, never into a predictions folder.
 A non-empty OUT is refused unless --overwrite (which empties it first), so old predictions never mix in.
 
+Errors the user can fix end in one line `error: ...` naming the path (model.cli): exit 2 for a missing or unusable
+file or folder given on the command line (checked before OUT is created), a dataset or predictions folder that
+lacks what the split lists, a bad setting; exit 4 for a full disk while writing (with the free space). --debug adds
+the traceback; anything else (a bug) keeps its traceback.
+
 Formats and what is given, written and scored: `training/formats/` (one module each). Presets (Cutie's and S3's
 memory settings per benchmark, sizes, DAVIS Full-Resolution at 600/720): `training/formats/presets.py`.
 """
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import cli
 from training import metrics
 from training.formats import davis, lvos, mose, presets, youtubevos
 from training.formats.base import DAVIS_PALETTE, Sequence, check_apart, prepare_out, read_mask, write_png
@@ -178,8 +184,9 @@ def run_sequences(network: torch.nn.Module, icfg: Any, seqs: list[Sequence], ind
     was_training = network.training
     network.eval()
     done: list[SequenceResult] = []
+    bar = tqdm(total=len(indices), desc=desc, disable=not progress, unit="seq")
     try:
-        for i in tqdm(indices, desc=desc, disable=not progress, unit="seq"):
+        for i in indices:
             if deadline is not None and time.monotonic() >= deadline:
                 return done, False
             seq = seqs[i]
@@ -197,7 +204,12 @@ def run_sequences(network: torch.nn.Module, icfg: Any, seqs: list[Sequence], ind
                 pred = np.stack([preds[f] for f in seq.gt_frames])
                 rows = _score_arrays(seq.name, gt, pred)
             done.append(SequenceResult(i, seq.name, rows, n, s))
+            bar.update(1)
+    except BaseException:
+        bar.leave = False  # an error: its one line follows, not a half-drawn bar
+        raise
     finally:
+        bar.close()
         network.train(was_training)
     return done, True
 
@@ -302,6 +314,16 @@ def score_predictions(pred_dir: str | os.PathLike, val_root: str | os.PathLike, 
     seqs = [s for s in davis.read(Path(val_root), split) if s.has_gt]
     if not seqs:
         raise ValueError(f"split {split} of {val_root} has no public ground truth to score against")
+    absent = [s.name for s in seqs if not (Path(pred_dir) / s.name).is_dir()]
+    if absent:
+        more = f" (and {len(absent) - 1} more sequence(s) of {len(seqs)})" if len(absent) > 1 else ""
+        raise FileNotFoundError(f"predictions folder {pred_dir} has no folder for sequence {absent[0]} of split "
+                                f"{split}{more}: expected {Path(pred_dir) / absent[0]}/<frame>.png")
+    for s in seqs:  # before any scoring starts: one line, not a progress bar cut short
+        missing = [f for f in s.gt_frames if not (Path(pred_dir) / s.name / f"{f}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(f"sequence {s.name}: {len(missing)} of {len(s.gt_frames)} predictions missing "
+                                    f"in {Path(pred_dir) / s.name}, e.g. {missing[0]}.png")
     jobs = [(s.name, str(s.gt_dir), str(Path(pred_dir) / s.name), s.gt_frames) for s in seqs]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
@@ -377,27 +399,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-sequences", type=int)
     p.add_argument("--workers", type=int, help="processes for scoring (--predictions)")
-    p.add_argument("--debug", action="store_true", help="full tracebacks for errors")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        return _run(a)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError) as e:
-        if a.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_cli(lambda: _run(a), debug=a.debug, user_errors=(ValueError, KeyError), disk=[a.out])
+
+
+def _check_inputs(a: argparse.Namespace) -> None:
+    """What the command line names must be there before anything is created or loaded."""
+    if a.predictions:
+        pred = Path(a.predictions)
+        if not pred.is_dir():
+            what = "is not a folder" if pred.exists() else "not found"
+            raise cli.CliError(f"predictions folder {what}: {pred} (expected PRED_DIR/<sequence>/<frame>.png)")
+    else:
+        ckpt = Path(a.checkpoint)
+        if not ckpt.is_file():
+            what = "is a folder, not a file" if ckpt.is_dir() else "not found"
+            raise cli.CliError(f"checkpoint {what}: {ckpt}")
+    data = Path(a.data)
+    if not data.is_dir():
+        what = "is not a folder" if data.exists() else "not found"
+        raise cli.CliError(f"dataset folder (--data) {what}: {data}")
+    if a.unseen_videos and not Path(a.unseen_videos).is_file():
+        raise cli.CliError(f"--unseen-videos file not found: {a.unseen_videos}")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    with cli.about("--out", out, "cannot create the results folder"):
+        return prepare_out(out, overwrite)
 
 
 def _run(a: argparse.Namespace) -> int:
     out = Path(a.out)
+    _check_inputs(a)
     if a.predictions:
         check_apart(Path(a.predictions), out)
-        prepare_out(out, a.overwrite)
+        _prepare_out(out, a.overwrite)
         res = score_predictions(a.predictions, a.data, a.split, out, a.workers, fmt=a.format,
                                 unseen_videos=a.unseen_videos)
     else:
-        prepare_out(out, a.overwrite)  # before the (slow) network load
+        _prepare_out(out, a.overwrite)  # before the (slow) network load
         network = load_network(a.checkpoint, a.model_config).to(a.device)
         overrides: dict[str, Any] = {"use_long_term": a.long_term, "mem_every": a.mem_every,
                                      "amp": True if a.amp else None}

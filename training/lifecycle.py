@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -181,36 +180,18 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------------------------- disk full
 
-_FULL_WORDS = ("no space left on device", "disk quota exceeded")
-_WRITE_FAILED = ("file write failed",)  # torch.save's C++ writer: no errno, usually a full disk
-
-
 def disk_full(exc: BaseException, paths: list[str | os.PathLike]) -> str | None:
-    """A one-line message when `exc` is a full disk (or quota), else None. Looks at the whole exception chain:
-    torch.save reports a full disk as a RuntimeError ('file write failed') without an errno."""
-    seen, e = set(), exc
-    full = write_failed = False
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).lower()
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(w in text for w in _FULL_WORDS):
-            full = True
-        write_failed = write_failed or any(w in text for w in _WRITE_FAILED)
-        e = e.__cause__ or e.__context__
-    if not (full or write_failed):
+    """A one-line message when `exc` is a full disk (or quota), else None. Looks at the whole exception chain
+    (model.cli.write_failure): ENOSPC / EDQUOT or their words anywhere in it, and torch.save's C++ writer, which
+    reports a full disk without an errno ('unexpected pos N vs M', 'PytorchStreamWriter failed writing file ...:
+    file write failed'). The free space of `paths` (one per file system) is measured now."""
+    from model import cli
+
+    found = cli.write_failure(exc)
+    if found is None:
         return None
-    free = []
-    for p in paths:
-        q = Path(p)
-        while not q.exists() and q != q.parent:
-            q = q.parent
-        try:
-            usage = shutil.disk_usage(q)
-        except OSError:
-            continue
-        free.append(f"{p}: {usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.0f} GiB")
-    what = "disk full" if full else "a file write failed, most likely a full disk or quota"
-    return (f"{what}: {exc} ({'; '.join(free) or 'free space unknown'}). Free space (or lower "
+    what = "disk full" if found[0] == "full" else "a file write failed, most likely a full disk or quota"
+    return (f"{what}: {cli.one_line(str(exc))} ({cli.free_space_of(paths)}). Free space (or lower "
             "checkpoint.keep_last / checkpoint.keep_weights) and relaunch: the job resumes from its last complete "
             "checkpoint")
 

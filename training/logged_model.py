@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from model import cli
 
 LOADER_MODULE = "training.logged_model"
 PIP_REQUIREMENTS = ["torch", "timm", "numpy", "opencv-python"]
@@ -42,11 +45,21 @@ def weights_in(folder: str | os.PathLike) -> Path:
     return found[0]
 
 
+def is_uri(text: str) -> bool:
+    """`models:/...`, `runs:/...`, `s3://...`, `file:///...`: a scheme, not a plain path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text) is not None
+
+
 def download(model_uri: str, dst_path: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Path:
     """Download a logged model (`models:/<id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`); a local
-    folder is returned as it is. Returns the folder."""
+    folder is returned as it is (FileNotFoundError when a path that is no URI is not a folder). Returns the
+    folder."""
     if Path(model_uri).is_dir():
         return Path(model_uri)
+    if not is_uri(model_uri):
+        what = "is not a folder" if Path(model_uri).exists() else "not found"
+        raise FileNotFoundError(f"logged model folder {what}: {model_uri} (expected a downloaded logged model's "
+                                "folder, or a models:/<model_id> or models:/<name>@<alias> URI)")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
@@ -100,14 +113,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--download", metavar="DIR", default=None, help="download into DIR (default: a temp folder)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     p.add_argument("--check", action="store_true", help="also build the network and load the weights")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    weights = weights_in(download(args.model_uri, args.download, args.tracking_uri))
+    return cli.run_cli(lambda: _run(args), debug=args.debug, user_errors=(ValueError,),
+                       disk=[args.download] if args.download else [])
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Errors the user can fix end in one line (model.cli): a missing folder, a model or alias MLflow does not
+    know (exit 2), a full disk while downloading (exit 4)."""
+    try:
+        folder = download(args.model_uri, args.download, args.tracking_uri)
+    except Exception as e:
+        if type(e).__name__ != "MlflowException" or getattr(e, "error_code", None) not in _NOT_FOUND_CODES:
+            raise
+        where = f" (tracking URI {args.tracking_uri})" if args.tracking_uri else " (no --tracking-uri given)"
+        raise cli.CliError(f"logged model {args.model_uri} not found{where}: {cli.one_line(str(e))}") from e
+    weights = weights_in(folder)
     if args.check:
         network = load_network(weights)
         print(f"loaded {sum(t.numel() for t in network.state_dict().values())} values from {weights}",
               file=sys.stderr)
     print(weights)
     return 0
+
+
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 if __name__ == "__main__":

@@ -64,13 +64,39 @@ def resolve_tracking_uri(config_uri: str, output_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or config_uri or default_tracking_uri(output_dir)
 
 
+# The experiment tag MLflow 3 reads for an experiment's kind (its UI's values: "custom_model_development",
+# "genai_development", their "*_inferred" variants, "no_inferred_type", "finetuning", "forecasting",
+# "classification", "regression", "automl"): a training experiment is "custom_model_development" ("Machine
+# learning"), so MLflow UIs that follow the tag open it in the model-training view (runs, logged models with their
+# metrics) instead of the GenAI view (checkpoints as "agent versions" without scores). The UI of MLflow 3.17 picks
+# the view from its sidebar switch "GenAI | Model training" (or `?workflowType=machine_learning`) instead.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def tag_experiment_kind(client, exp) -> bool:
+    """Tag an existing experiment as model training unless it has a kind already (a user's choice wins); True when
+    tagged. Best effort: a failure (no permission) is logged, never raised."""
+    if (exp.tags or {}).get(EXPERIMENT_KIND_TAG):
+        return False
+    try:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except Exception as e:  # noqa: BLE001 (the tag only steers the UI)
+        log.warning("could not tag experiment %s with %s=%s (%s)", exp.name, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND, e)
+        return False
+    return True
+
+
 def get_or_create_experiment(mlflow, name: str, artifact_root: Path | None) -> str:
+    """The experiment's id; created tagged `mlflow.experimentKind=custom_model_development`, an existing one
+    without a kind gets the tag."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        tag_experiment_kind(mlflow.MlflowClient(), exp)
         return exp.experiment_id
     # An absolute artifact location: the default ("./mlruns") depends on the working directory.
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 class Tracker:
@@ -82,6 +108,7 @@ class Tracker:
         self._pending: list[dict[str, Any]] = []
         self._down_since: float | None = None
         self._last_try = 0.0
+        self._ending = False  # set by end(): failures then end the job, they do not let training go on
         self._lock = threading.Lock()  # the buffered metrics and OUTPUT/*.jsonl: shared with the upload thread
         self.out = Path(cfg.output_dir)
         self.upload_retries = cfg.tracking.upload_retries
@@ -144,7 +171,9 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 (any tracking failure must leave training running)
             if self._down_since is None:
                 self._down_since = time.time()
-                log.warning("MLflow call %s failed (%s); training goes on, metrics are kept locally", what, e)
+                then = ("the job is ending: this MLflow run may not show its final status" if self._ending
+                        else "training goes on, metrics are kept locally")
+                log.warning("MLflow call %s failed (%s); %s", what, e, then)
             self._last_try = time.time()
             return FAILED
         return result
@@ -288,6 +317,7 @@ class Tracker:
         `STOPPED_UPLOAD_WAIT_SECONDS` when it was stopped or failed (what is left stays staged and resumes at the
         relaunch)."""
         upload_wait = UPLOAD_WAIT_SECONDS if status == "FINISHED" else STOPPED_UPLOAD_WAIT_SECONDS
+        self._ending = True  # a failing call from here on must not say that training goes on
         if self.enabled:
             pending = self._uploads.pending()
             if pending:

@@ -17,7 +17,9 @@ output folder is refused; a resume whose config differs from the checkpoint's is
 --allow-config-change (the change is logged into the same MLflow run).
 
 Exit codes: 0 done or stopped with a checkpoint, 2 configuration/provenance/lock error (before any heavy work),
-3 diverged (non-finite losses), 4 disk full.
+3 diverged (non-finite losses), 4 disk full (or a file write that failed, as torch.save reports a full disk:
+"unexpected pos N vs M"; the incomplete checkpoint is removed and the MLflow run marked FAILED). Each is one line
+on stderr starting with "error:" / "configuration error:" / "training stopped:"; --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the checkpoint's (the change is logged to MLflow)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an error too")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 train.iterations=1000")
     return p.parse_args(argv)
 
@@ -84,9 +87,11 @@ def _ensure_dist_env() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training import lifecycle
+    from model import cli
+    from training import ds_ops, lifecycle
 
     args = parse_args(argv)
+    ds_ops.extensions_dir()  # TORCH_EXTENSIONS_DIR: the venv's, where make install built DeepSpeed's CPU op
     launched = "RANK" in os.environ  # started by a launcher (deepspeed, torchrun, srun), not by hand
     _ensure_dist_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -102,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lock = None
     if rank == 0:
-        try:
-            lock = lifecycle.OutputLock(cfg.output_dir).acquire()
+        try:  # output_dir cannot be created or written (read-only, a file in the way): one line, exit 2
+            with cli.about("output_dir", cfg.output_dir, "cannot create the output folder or its lock file"):
+                lock = lifecycle.OutputLock(cfg.output_dir).acquire()
         except lifecycle.OutputInUse as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except cli.CliError as e:
+            return cli.report(e, e.code, str(e), debug=args.debug)
     stop = lifecycle.StopRequest.from_env(launched).install()
     try:
         Trainer(cfg, split, stop=stop, resume=resume).run()
@@ -117,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         message = lifecycle.disk_full(e, [cfg.output_dir, cfg.checkpoint_dir])
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 4
+        return cli.report(e, 4, message, debug=args.debug)
     finally:
         stop.close()
         if lock is not None:
@@ -237,6 +244,10 @@ class Trainer:
         self.stop = stop or lifecycle.StopRequest(watch_launcher=False)
         self.torch, self.dist = torch, dist
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # CPU ranks: DeepSpeed compiles one op (silently) unless make install built it ahead
+            from training import ds_ops
+
+            ds_ops.announce_build(int(os.environ.get("RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=_dist_timeout(cfg))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")

@@ -60,12 +60,22 @@ def ensure_consolidated(network: torch.nn.Module, ref: checkpoint.CheckpointRef,
         return weights_file
     weights_file.parent.mkdir(parents=True, exist_ok=True)
     raw_file = weights_file.with_suffix(".raw.pt")
-    checkpoint.consolidate(ref, raw_file)
-    state = torch.load(raw_file, map_location="cpu", weights_only=True)
-    state = strip_wrapper_prefix(state, network)
     tmp = weights_file.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(weights_file)
+    try:
+        checkpoint.consolidate(ref, raw_file)
+        state = torch.load(raw_file, map_location="cpu", weights_only=True)
+        state = strip_wrapper_prefix(state, network)
+        torch.save(state, tmp)
+        tmp.replace(weights_file)
+    except BaseException as e:
+        # A partial write (a full disk: torch.save says 'unexpected pos ...'): give the space back at once;
+        # the error goes on to the trainer, which reports it and stops.
+        checkpoint.release_failed_write(e)
+        tmp.unlink(missing_ok=True)
+        raw_file.unlink(missing_ok=True)
+        if not isinstance(e, checkpoint.CheckpointWriteError):  # consolidate() named its own file
+            checkpoint.raise_write_failure(e, f"consolidated weights {weights_file}")
+        raise
     raw_file.unlink()
     return weights_file
 

@@ -6,7 +6,7 @@
 #   MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/prefix)  MLFLOW_S3_ENDPOINT_URL (MinIO/Ceph; unset for AWS S3)
 #   AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 #   MLFLOW_ADMIN_USERNAME MLFLOW_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
-#   MLFLOW_ALLOWED_HOSTS (the names clients use to reach the server)  MLFLOW_WORKERS
+#   MLFLOW_ALLOWED_HOSTS (the Host headers clients send: every name:port they use; default below)  MLFLOW_WORKERS
 set -euo pipefail
 : "${POSTGRES_PASSWORD:?}" "${MLFLOW_ADMIN_PASSWORD:?}" "${MLFLOW_FLASK_SERVER_SECRET_KEY:?}"
 db="postgresql://${POSTGRES_USER:-mlflow}:${POSTGRES_PASSWORD}@${POSTGRES_HOST:-postgres}:${POSTGRES_PORT:-5432}"
@@ -23,6 +23,18 @@ admin_password = ${MLFLOW_ADMIN_PASSWORD}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 
+# MLflow answers only requests whose Host header is listed (DNS-rebinding protection; exact "name:port" strings
+# or fnmatch patterns such as "*.corp.internal:5000", comma-separated). Unset, that is the names the server has
+# on its own machine: localhost, 127.0.0.1 and this machine's (container's, pod's) host name, bare and with :5000.
+# Clients on other machines reach it by another name: list it in MLFLOW_ALLOWED_HOSTS (server.env.example).
+# "*" turns the check off.
+self=$(uname -n)
+allowed_hosts="${MLFLOW_ALLOWED_HOSTS:-localhost,localhost:5000,127.0.0.1,127.0.0.1:5000,${self},${self}:5000}"
+
+# 0.0.0.0 is the container's own network namespace, not the host's: docker's port publishing and a Kubernetes
+# Service forward to the container's interface, so a server on 127.0.0.1 here could not be reached at all. Who
+# can reach it from outside is decided there: docker-compose.yaml publishes on the host's 127.0.0.1 unless
+# MLFLOW_PUBLISH_ADDR says otherwise; the k8s Service is cluster-internal.
 exec mlflow server \
     --host 0.0.0.0 --port 5000 \
     --app-name basic-auth \
@@ -30,5 +42,5 @@ exec mlflow server \
     --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:?}" \
     --serve-artifacts \
     --workers "${MLFLOW_WORKERS:-4}" \
-    --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-*}" \
+    --allowed-hosts "${allowed_hosts}" \
     "$@"

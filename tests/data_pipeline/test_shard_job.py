@@ -221,7 +221,7 @@ def test_rerun_into_another_configs_folder_is_refused(data, ref, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(ref, out)
     before = tars(out)
-    proc = shard(data, out, "seed=1", rc=1)
+    proc = shard(data, out, "seed=1", rc=2)
     manifest = json.loads((ref / "manifest.json").read_text())
     msg = proc.stderr.strip().splitlines()[-1]
     assert manifest["config_hash"] in msg and "changed: seed" in msg and "new --out" in msg
@@ -233,7 +233,7 @@ def test_rerun_into_another_configs_folder_is_refused(data, ref, tmp_path):
     assert tars(out) == before  # nothing rewritten, nothing deleted
     (out / "job.json").unlink()
     (out / "manifest.json").unlink()
-    proc = shard(data, out, rc=1)
+    proc = shard(data, out, rc=2)
     assert "no job.json" in proc.stderr
 
 
@@ -242,12 +242,12 @@ def test_a_dataset_that_yields_nothing_is_an_error_unless_allowed(data, tmp_path
     shutil.copytree(data, bad)
     shutil.rmtree(bad / "OVIS")
     out = tmp_path / "shards"
-    proc = shard(bad, out, rc=1)
+    proc = shard(bad, out, rc=2)
     msg = proc.stderr.strip().splitlines()[-1]
     assert "dataset ovis yields no usable video" in msg and "--allow-missing ovis" in msg
     assert not list(out.rglob("*.tar"))
     shard(bad, out, "--allow-missing", "ovis")
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["missing_datasets"]) == ["ovis"] and manifest["datasets"]["ovis"]["clips"] == 0
-    proc = shard(bad, tmp_path / "other", "--allow-missing", "coco", rc=1)
+    proc = shard(bad, tmp_path / "other", "--allow-missing", "coco", rc=2)
     assert "coco" in proc.stderr

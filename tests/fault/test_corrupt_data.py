@@ -95,7 +95,7 @@ def test_sharder_records_and_skips_bad_inputs(synth_data, reference_shards, tmp_
     bad = corrupt_datasets(data)
     out = tmp_path / "shards"
     # BURST's one annotation JSON is unreadable, so the whole dataset is lost: an error naming it, nothing written...
-    refused = run_shard(data, out, rc=1)
+    refused = run_shard(data, out, rc=2)
     assert "dataset burst yields no usable video" in refused.stderr and bad["not_json"].name in refused.stderr
     assert "--allow-missing burst" in refused.stderr and not list(out.rglob("*.tar"))
     proc = run_shard(data, out, "--allow-missing", "burst")  # ...until it is allowed; then nothing crashes the job

@@ -7,6 +7,7 @@ runs the network over them and writes OUT/Annotations/<seq>/<frame>.png.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -111,10 +112,17 @@ def frame_stems(folder: Path, ext: str, what: str) -> list[str]:
 def write_png(path: Path, ids: np.ndarray, palette: bytes = DAVIS_PALETTE) -> None:
     if ids.max(initial=0) > 255:
         raise ValueError(f"{path}: object id {int(ids.max())} does not fit an indexed PNG (ids 0-255)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(ids.astype(np.uint8), mode="P")
     img.putpalette(palette)
-    img.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # no truncated PNG is left behind
+        if e.errno is not None and e.filename is None:
+            e.filename = str(path)  # a failed write() (a full disk) names no file: this is the one
+        raise
 
 
 def zip_annotations(pred_root: Path, zip_path: Path) -> Path:

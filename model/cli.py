@@ -121,7 +121,8 @@ def free_space_of(paths: Iterable[str | os.PathLike]) -> str:
     return "; ".join(parts) or "free space unknown"
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then its causes and contexts, each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -134,7 +135,7 @@ def write_failure(exc: BaseException) -> tuple[str, BaseException] | None:
     """('full', the exception saying so) when the chain of `exc` holds a full disk or quota (an errno or its
     words); ('write_failed', ...) when it holds torch.save's short write, which has no errno; else None."""
     failed = None
-    for e in _chain(exc):
+    for e in chain(exc):
         text = str(e).lower()
         if (isinstance(e, OSError) and e.errno in FULL_ERRNOS) or any(w in text for w in FULL_WORDS):
             return "full", e

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.cli import one_line, write_failure
+from model.cli import chain, one_line, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -108,26 +108,22 @@ def save(engine, ckpt_dir: str | os.PathLike, iteration: int, client_state: dict
         # A leftover of a save that died before its marker (or a rerun of the same iteration): start clean.
         shutil.rmtree(ref.path)
     _barrier()
-    try:
+    try:  # a failed write (a full disk) of a rank's shards or of the marker: say so, give the space back
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    except Exception as e:
-        if write_failure(e) is None:
-            raise
-        raise CheckpointWriteError(_failed_save(ref, e)) from e  # a full disk: say so, give the space back
-    _barrier()  # every rank's shards are on disk before the marker says so
-    if _rank() == 0:
-        tmp = ref.path / (MARKER + ".tmp")
-        try:
+        _barrier()  # every rank's shards are on disk before the marker says so
+        if _rank() == 0:
+            tmp = ref.path / (MARKER + ".tmp")
             tmp.write_text(json.dumps({"iteration": iteration, "tag": tag,
                                        "config_hash": client_state.get("config_hash"),
                                        "config": client_state.get("config"),  # a resume diffs against it
                                        "mlflow_run_id": client_state.get("mlflow_run_id"),
                                        "world_size": dist.get_world_size() if dist.is_initialized() else 1}))
             os.replace(tmp, ref.path / MARKER)
-        except OSError as e:
-            if write_failure(e) is None:
-                raise
-            raise CheckpointWriteError(_failed_save(ref, e)) from e
+    except Exception as e:
+        if write_failure(e) is None:
+            raise
+        raise CheckpointWriteError(_failed_save(ref, e)) from e
+    if _rank() == 0:
         purge(root, keep_last)
     _barrier()
     return ref
@@ -150,12 +146,8 @@ def release_failed_write(error: BaseException) -> None:
     """Let go of the file a failed torch.save still holds open. Its C++ writer lives on in the locals of the
     frames of `error`'s traceback: until they go, a deleted partial file keeps its blocks, and on a full disk the
     MLflow run's final status and the error report have no room to be written."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in chain(error):
         traceback.clear_frames(e.__traceback__)  # finished frames only; the ones still running are skipped
-        e = e.__cause__ or e.__context__
     gc.collect()
 
 

@@ -408,21 +408,23 @@ def main(argv: list[str] | None = None) -> int:
 def _check_inputs(a: argparse.Namespace) -> None:
     """What the command line names must be there before anything is created or loaded."""
     if a.predictions:
-        pred = Path(a.predictions)
-        if not pred.is_dir():
-            what = "is not a folder" if pred.exists() else "not found"
-            raise cli.CliError(f"predictions folder {what}: {pred} (expected PRED_DIR/<sequence>/<frame>.png)")
+        _must_exist(Path(a.predictions), "predictions folder", folder=True,
+                    hint=" (expected PRED_DIR/<sequence>/<frame>.png)")
     else:
-        ckpt = Path(a.checkpoint)
-        if not ckpt.is_file():
-            what = "is a folder, not a file" if ckpt.is_dir() else "not found"
-            raise cli.CliError(f"checkpoint {what}: {ckpt}")
-    data = Path(a.data)
-    if not data.is_dir():
-        what = "is not a folder" if data.exists() else "not found"
-        raise cli.CliError(f"dataset folder (--data) {what}: {data}")
+        _must_exist(Path(a.checkpoint), "checkpoint", folder=False)
+    _must_exist(Path(a.data), "dataset folder (--data)", folder=True)
     if a.unseen_videos and not Path(a.unseen_videos).is_file():
         raise cli.CliError(f"--unseen-videos file not found: {a.unseen_videos}")
+
+
+def _must_exist(path: Path, label: str, folder: bool, hint: str = "") -> None:
+    if path.is_dir() if folder else path.is_file():
+        return
+    if folder:
+        what = "is not a folder" if path.exists() else "not found"
+    else:
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+    raise cli.CliError(f"{label} {what}: {path}{hint}")
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:

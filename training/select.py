@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from model import cli
 from training.tracking import metric_key, tag_experiment_kind
 
 ALIAS = "champion"
@@ -206,10 +207,6 @@ def describe(champ: Champion) -> str:
     return f"champion: {champ.alias_uri} set to {how} version {champ.version} {what}"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Register the best logged checkpoint and alias it 'champion'.")
     p.add_argument("--experiment", required=True)
@@ -223,19 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     try:
         champ = select(args.experiment, args.metric, args.name, args.tracking_uri)
-    except SelectError as e:
-        if args.debug:  # a SystemExit prints no traceback by itself
-            import traceback
-
-            traceback.print_exc()
-        print(f"error: {e.message}", file=sys.stderr)
-        return e.exit_code
+    except SelectError as e:  # a SystemExit prints no traceback by itself: report() does under --debug
+        return cli.report(e, e.exit_code, e.message, debug=args.debug)
     except Exception as e:  # noqa: BLE001 (a tracking call that failed: one line unless --debug)
         if args.debug:
             raise
         import mlflow
 
-        message = _one_line(f"{type(e).__name__}: {e}")
+        message = cli.one_line(f"{type(e).__name__}: {e}")
         message = message if len(message) <= 300 else message[:297] + "..."
         print(f"error: MLflow call to {mlflow.get_tracking_uri()} failed ({message}); --debug for the traceback",
               file=sys.stderr)

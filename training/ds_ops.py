@@ -41,8 +41,10 @@ def built_path() -> Path:
     return Path(_get_build_directory(OP, verbose=False)) / f"{OP}.so"
 
 
-def announce_build(rank: int) -> None:
-    """One line from rank 0 before `init_distributed` when the CPU op is not built yet (the build is silent)."""
+def prepare(rank: int) -> None:
+    """Before `init_distributed` on CPU ranks: every rank looks for the op in `extensions_dir()` (the venv's unless
+    set), and rank 0 says in one line when it is not built yet (the build itself is silent)."""
+    extensions_dir()
     if rank != 0 or _builder() is None or built_path().exists():
         return
     print(f"building DeepSpeed's CPU op {OP} into {built_path().parent} (once, 1-2 minutes on 2 cores; "

@@ -88,10 +88,9 @@ def _ensure_dist_env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from model import cli
-    from training import ds_ops, lifecycle
+    from training import lifecycle
 
     args = parse_args(argv)
-    ds_ops.extensions_dir()  # TORCH_EXTENSIONS_DIR: the venv's, where make install built DeepSpeed's CPU op
     launched = "RANK" in os.environ  # started by a launcher (deepspeed, torchrun, srun), not by hand
     _ensure_dist_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -244,10 +243,10 @@ class Trainer:
         self.stop = stop or lifecycle.StopRequest(watch_launcher=False)
         self.torch, self.dist = torch, dist
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:  # CPU ranks: DeepSpeed compiles one op (silently) unless make install built it ahead
+        if not on_gpu:  # CPU ranks: DeepSpeed's one compiled op, from the venv (make install built it ahead)
             from training import ds_ops
 
-            ds_ops.announce_build(int(os.environ.get("RANK", "0")))
+            ds_ops.prepare(int(os.environ.get("RANK", "0")))
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=_dist_timeout(cfg))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")

@@ -28,16 +28,24 @@ def test_a_set_folder_wins(ext_dir):
     assert ds_ops.extensions_dir() == ext_dir
 
 
+def test_every_rank_looks_in_the_venv(monkeypatch):
+    """Not only rank 0: a rank that looked in the default (the home folder) would compile the op again there."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    ds_ops.prepare(1)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+
+
 def test_announces_a_build_once_on_rank_0_only(ext_dir, capsys):
     assert ds_ops.built_path() == ext_dir / ds_ops.OP / f"{ds_ops.OP}.so"
-    ds_ops.announce_build(1)
+    ds_ops.prepare(1)
     assert capsys.readouterr().err == ""
-    ds_ops.announce_build(0)
+    ds_ops.prepare(0)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "building DeepSpeed's CPU op deepspeed_shm_comm" in err and str(ext_dir) in err
     ds_ops.built_path().parent.mkdir(parents=True, exist_ok=True)
     ds_ops.built_path().write_bytes(b"")  # built: nothing to say
-    ds_ops.announce_build(0)
+    ds_ops.prepare(0)
     assert capsys.readouterr().err == ""
 
 

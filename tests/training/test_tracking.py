@@ -308,3 +308,22 @@ def test_a_stopped_run_ends_after_a_short_upload_wait_and_the_relaunch_finishes_
     (record,) = [r for r in _logged(tmp_path) if r["status"] == "READY"]
     assert record["iteration"] == 4
     release.set()
+
+
+def test_a_failure_while_the_run_ends_does_not_say_training_goes_on(cfg, monkeypatch, caplog):
+    """Mid-run a failed MLflow call lets training go on; once end() has begun (the job is finishing, stopping or
+    dying, e.g. on a full disk) it must not claim that."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    t = tracking.Tracker(cfg, rank=0, resume_run_id=None)
+    good_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{_closed_port()}")
+    try:
+        with caplog.at_level("WARNING", logger="training.tracking"):
+            t.end("FAILED")
+    finally:
+        mlflow.set_tracking_uri(good_uri)
+    warnings = [r.getMessage() for r in caplog.records if "MLflow call" in r.getMessage()]
+    assert warnings and "the job is ending: this MLflow run may not show its final status" in warnings[0]
+    assert not any("training goes on" in w for w in warnings), warnings

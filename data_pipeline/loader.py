@@ -35,6 +35,11 @@ draws the very batches the uninterrupted one would have drawn.
   shard the first time it indexes it and drops one whose hash differs (warning naming both hashes, counted like a
   truncated shard in `skipped` and `stats()["bad_shards"]`): silent corruption (a changed byte in pixel data) is
   otherwise invisible to the cheap tar checks.
+* Stage 0 (`kind="static"`, shards of the static job in OUT/static/): each sample is one image and its binary
+  mask; a clip is a `num_frames`-frame pseudo-video of it drawn afresh at every draw (`data_pipeline.pseudo_video`:
+  Cutie's shared scale and flip, per-frame affine, resize and crop, a thin-plate-spline warp on a third of the
+  frames, per-sequence and per-frame colour jitter, 5 % grey), one object, no paste partner, no curriculum. The
+  streams, resume arithmetic and bad-sample handling are the video loader's.
 * `build_eval_loader` is a finite, non-resampled `webdataset.WebDataset` split by node and worker.
 """
 
@@ -60,6 +65,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import augment as A
+from data_pipeline import pseudo_video as PV
 from data_pipeline.readers.base import ids_present
 from data_pipeline.shard import stats_path  # the name the shard job gives a tar's stats (sha256) file
 
@@ -73,6 +79,8 @@ log = logging.getLogger("data_pipeline.loader")
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset tariterators.base_plus_ext
 FIELD_RE = re.compile(r"^(?:(\d+)\.(jpg|png)|json)$")
 LEVELS_DIR = "skip{:02d}"
+STATIC_DIR = "static"  # the one level of a static-image (stage-0) shard job (data_pipeline.sampling.STATIC_LEVEL)
+KINDS = ("video", "static")
 PARTNER_TRIES = 8  # paste-partner candidates tried before a clip goes unmerged
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -417,8 +425,13 @@ class LoaderConfig:
     cache_shards: int = 64  # shard header indexes kept per worker
     paste_pool_shards: int = 4  # shards whose samples a (level, block) draws paste partners from
     verify_shards: bool = False  # check each shard's sha256 (its stats.json) before reading it
+    kind: str = "video"  # or "static": single-image samples turned into num_frames-frame pseudo-videos
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"data.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind == "static" and len(self.max_skip) != 1:
+            raise ValueError("a static loader has one level (static/): no max_skip curriculum")
         if self.batch_size < 1:
             raise ValueError(f"loader 'batch_size' must be >= 1, got {self.batch_size!r}")
         if self.total_iterations < 1:
@@ -450,6 +463,19 @@ class LoaderConfig:
     def boundaries(self) -> list[int]:
         """First iteration of each level after the first."""
         return [math.ceil(f * self.total_iterations) for f in self.max_skip_until[:-1]]
+
+    @property
+    def static(self) -> bool:
+        return self.kind == "static"
+
+    @property
+    def stored_frames(self) -> int:
+        """Frames each stored sample holds: num_frames of a clip, or the one image of a static sample."""
+        return 1 if self.static else self.num_frames
+
+    def level_dir(self, level: int) -> str:
+        """The shard folder of curriculum level `level` (index into max_skip)."""
+        return STATIC_DIR if self.static else level_name(self.max_skip[level])
 
 
 def _lanes(cfg: LoaderConfig) -> int:
@@ -620,7 +646,7 @@ class _Lane:
             self.skipped += 1
             return None
         try:
-            return read_sample(self._handle(path), key, fields, self.cfg.num_frames)
+            return read_sample(self._handle(path), key, fields, self.cfg.stored_frames)
         except (BadSample, OSError) as e:
             log.warning("skipping sample %s in shard %s: %s", key, path, e)
             self.bad_samples.add((path, key))
@@ -718,10 +744,28 @@ class _Lane:
         return {"objects": objects, "jitter": jitter, "grey": grey,
                 "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
                          "frames": meta.get("frames") if not reversed_ else list(meta["frames"])[::-1],
-                         "object_ids": objects, "level": level_name(self.cfg.max_skip[level]),
+                         "object_ids": objects, "level": self.cfg.level_dir(level),
                          "reversed": reversed_, "merged_ids": {str(v): k for k, v in mapping.items()},
                          "merged_from": partner[1] if partner else None,
                          "merged_shard": f"{partner[0].parent.name}/{partner[0].name}" if partner else None,
+                         "shard": f"{path.parent.name}/{path.name}"}}
+
+    def _augment_static(self, rng: np.random.Generator, path: Path, s: Sample, rgb_out: np.ndarray,
+                        cls_out: np.ndarray) -> dict[str, Any]:
+        """Stage 0: the one image of `s` as a pseudo-video (geometry drawn from the mask, then the JPEG decoded and
+        warped the same way), one object, its colour jitter drawn and returned, not applied."""
+        p, t = self.params, self.cfg.num_frames
+        geometry, masks = PV.draw_pseudo_video(rng, s.masks[0], t, p)  # NoObjectError: the caller takes the next
+        PV.warp_pseudo_video(self._decode(path, s, 0, 1), geometry, rgb_out)  # BadSample: the next sample
+        objects = A.ids_in(masks[0])[:1]
+        jitter, grey = A.colour_draw(rng, t, p)
+        A.slot_maps(masks, objects, out=cls_out)
+        meta = s.meta
+        frame = (meta.get("frames") or [None])[0]
+        return {"objects": objects, "jitter": jitter, "grey": grey,
+                "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
+                         "frames": [frame] * t, "object_ids": objects, "level": STATIC_DIR, "reversed": False,
+                         "merged_ids": {}, "merged_from": None, "merged_shard": None,
                          "shard": f"{path.parent.name}/{path.name}"}}
 
     def _clip(self, rng: np.random.Generator, level: int, rgb_out: np.ndarray, cls_out: np.ndarray
@@ -737,6 +781,8 @@ class _Lane:
                     continue
                 state = rng.bit_generator.state
                 try:
+                    if self.cfg.static:
+                        return self._augment_static(rng, path, s, rgb_out, cls_out)
                     return self._augment(rng, level, path, s, rgb_out, cls_out)
                 except A.NoObjectError:
                     break  # deterministic: the next draw of the same stream
@@ -912,9 +958,9 @@ class TrainLoader:
         self.skipped = 0
         self.bad_shards: list[str] = []
         self.shards: dict[int, list[Path]] = {}
-        for li, skip in enumerate(cfg.max_skip):
+        for li in range(len(cfg.max_skip)):
             good = []
-            for p in list_shards(self.root, level_name(skip)):
+            for p in list_shards(self.root, cfg.level_dir(li)):
                 why = shard_end_ok(p)
                 if why is None:
                     good.append(p)
@@ -922,7 +968,7 @@ class TrainLoader:
                     log.warning("skipping shard %s: %s", p, why)
                     self.bad_shards.append(str(p))
             if not good:
-                raise FileNotFoundError(f"no intact shard in {self.root / level_name(skip)}")
+                raise FileNotFoundError(f"no intact shard in {self.root / cfg.level_dir(li)}")
             self.shards[li] = good
         self.skipped = len(self.bad_shards)
         self.digests = self._digests() if cfg.verify_shards else None
@@ -955,7 +1001,7 @@ class TrainLoader:
         return self.cfg.total_iterations
 
     def level_at(self, iteration: int) -> str:
-        return level_name(self.cfg.max_skip[self.cfg.level_at(iteration)])
+        return self.cfg.level_dir(self.cfg.level_at(iteration))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # `infinite`: total_iterations only scales the curriculum; a trainer that drops a batch (non-finite loss)
@@ -986,11 +1032,14 @@ class TrainLoader:
         return {"iteration": self.iteration, "skipped": self.skipped, "rank": self.rank,
                 "world_size": self.world_size, "num_workers": self.cfg.num_workers, "seed": self.cfg.seed,
                 "batch_size": self.cfg.batch_size, "total_iterations": self.cfg.total_iterations,
-                "paste_pool_shards": self.cfg.paste_pool_shards}
+                "paste_pool_shards": self.cfg.paste_pool_shards, "kind": self.cfg.kind}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "iteration" not in state:
             raise KeyError(f"loader state has no 'iteration': {state!r}")
+        if state.get("kind", "video") != self.cfg.kind:
+            raise ValueError(f"loader state was saved by a data.kind={state.get('kind', 'video')} loader; this one "
+                             f"reads data.kind={self.cfg.kind} shards")
         for k in ("num_workers", "seed", "batch_size", "total_iterations", "paste_pool_shards"):
             if k in state and state[k] != getattr(self.cfg, k):
                 log.warning("loader state was saved with %s=%r, now %r: the resumed batches differ from an "
@@ -1000,6 +1049,7 @@ class TrainLoader:
 
 
 _AUG_KEYS = {f.name for f in A.AugmentParams.__dataclass_fields__.values()} - {"crop_size", "num_objects"}
+_STATIC_KEYS = {f.name for f in PV.PseudoVideoParams.__dataclass_fields__.values()} - {"crop_size", "num_objects"}
 _CFG_KEYS = {"block_clips", "cache_shards", "paste_pool_shards"}
 
 
@@ -1008,25 +1058,35 @@ def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | N
                        num_objects: int = 3, crop_size: int = 480, max_skip=(5, 10, 15, 5),
                        max_skip_until=(0.1, 0.3, 0.8, 1.0), num_workers: int = 2, seed: int = 42,
                        start_iteration: int = 0, infinite: bool = False, verify_shards: bool = False,
-                       **knobs) -> TrainLoader:
+                       kind: str = "video", **knobs) -> TrainLoader:
     """The training loader for one rank. `rank`/`world_size` default to the RANK/WORLD_SIZE env vars (as the
     launcher sets them). `verify_shards` (data.verify_shards): check every shard's sha256 against its stats.json.
     `knobs` are `data.loader` extras: augmentation fields of `AugmentParams` (merge_probability,
     reverse_probability, rotation, shear, scale, crop_tries, clip_jitter, ...) and block_clips / cache_shards /
-    paste_pool_shards."""
-    unknown = set(knobs) - _AUG_KEYS - _CFG_KEYS
+    paste_pool_shards. `kind="static"` (stage 0): the shards of a static job (ROOT/static/), each sample a
+    `num_frames`-frame pseudo-video; its knobs are the fields of `pseudo_video.PseudoVideoParams` and max_skip /
+    max_skip_until are not used."""
+    if kind not in KINDS:
+        raise ValueError(f"data.kind must be one of {list(KINDS)}, got {kind!r}")
+    aug_keys = _STATIC_KEYS if kind == "static" else _AUG_KEYS
+    unknown = set(knobs) - aug_keys - _CFG_KEYS
     if unknown:
-        raise ValueError(f"data.loader: unknown key(s) {sorted(unknown)} (known: {sorted(_AUG_KEYS | _CFG_KEYS)})")
+        raise ValueError(f"data.loader: unknown key(s) {sorted(unknown)} for data.kind={kind} "
+                         f"(known: {sorted(aug_keys | _CFG_KEYS)})")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    aug = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items() if k in _AUG_KEYS}
-    params = A.AugmentParams(crop_size=crop_size, num_objects=num_objects, **aug)
+    aug = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items() if k in aug_keys}
+    if kind == "static":
+        params = PV.PseudoVideoParams(crop_size=crop_size, num_objects=num_objects, **aug)
+        max_skip, max_skip_until = (0,), (1.0,)
+    else:
+        params = A.AugmentParams(crop_size=crop_size, num_objects=num_objects, **aug)
     cfg = LoaderConfig(batch_size=batch_size, total_iterations=total_iterations, num_frames=num_frames,
                        num_objects=num_objects, crop_size=crop_size, max_skip=tuple(max_skip),
                        max_skip_until=tuple(max_skip_until), num_workers=num_workers, seed=seed,
-                       verify_shards=verify_shards, **{k: v for k, v in knobs.items() if k in _CFG_KEYS})
+                       verify_shards=verify_shards, kind=kind, **{k: v for k, v in knobs.items() if k in _CFG_KEYS})
     loader = TrainLoader(shards, cfg, rank, world_size, params)
     loader.iteration = start_iteration
     loader.infinite = infinite

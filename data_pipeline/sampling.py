@@ -11,6 +11,9 @@
   the floor or the ceiling of its quota, every dataset within one clip of its share);
 - the plan is then shuffled (seeded) so that cutting it into shards gives shards mixing datasets and videos in the
   mixture's proportions, not one dataset per shard.
+
+Stage 0 (static images, `plan_images`): every image of every set `multiplier` times (Cutie concatenates each set's
+image list `multiplier` times: BIG and HRSOD x5), shuffled the same way, as one level `static`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ FRAME_INTERVAL = {"davis": 2, "youtubevos": 5, "mose": 5, "burst": 5, "ovis": 3}
 MULTIPLIER = {"davis": 2.0, "youtubevos": 1.0, "mose": 1.0, "burst": 1.0, "ovis": 1.0}
 LEVELS = {"skip05": 5, "skip10": 10, "skip15": 15}
 NUM_FRAMES = 8
+STATIC_LEVEL = "static"  # the one shard level of a static-image (stage-0) job
 
 
 @dataclass(frozen=True)
@@ -141,3 +145,22 @@ def plan_clips(videos: dict[str, list[Video]], clips_per_level: int | dict[str, 
         order = np.random.default_rng(stable_seed(seed, "shuffle", level)).permutation(len(plans))
         out[level] = [plans[i] for i in order]
     return out
+
+
+def plan_images(videos: dict[str, list[Video]], multipliers: dict[str, int], seed: int = 0
+                ) -> dict[str, list[ClipPlan]]:
+    """Stage 0: one single-frame sample per (image, repeat), each set's images `multipliers[set]` times, in a
+    seeded shuffled order: {"static": [ClipPlan, ...]}. `ClipPlan.index` is the repeat; `frame_indices` is (0,)."""
+    plans = [ClipPlan(d, v.video, (0,), 0, STATIC_LEVEL, rep)
+             for d in sorted(videos) for v in sorted(videos[d], key=lambda v: v.video) if any(v.annotated)
+             for rep in range(int(multipliers.get(d, 1)))]
+    plans.sort(key=lambda p: p.key)
+    order = np.random.default_rng(stable_seed(seed, "shuffle", STATIC_LEVEL)).permutation(len(plans))
+    return {STATIC_LEVEL: [plans[i] for i in order]}
+
+
+def image_weights(videos: dict[str, list[Video]], multipliers: dict[str, int]) -> dict[str, float]:
+    """Each static set's share of Cutie's stage-0 mixture: its usable images x its multiplier, normalised."""
+    raw = {d: float(sum(1 for v in vs if any(v.annotated)) * int(multipliers.get(d, 1))) for d, vs in videos.items()}
+    total = sum(raw.values()) or 1.0
+    return {d: r / total for d, r in raw.items()}

@@ -3,6 +3,9 @@
 `python -m data_pipeline.shard --config data_pipeline/configs/demo.yaml [--data-root DIR] [--out OUT]
  [--allow-missing DATASET ...] [key=value]`
 `python -m data_pipeline.shard --config ... --plan [--train-config training/configs/s3_mega.yaml] [--json]`
+`python -m data_pipeline.shard --config data_pipeline/configs/static.yaml --data-root /data/static --out ...`
+(stage 0: `kind: static`, Cutie's static image sets as single-image samples in OUT/static/, each set's images
+repeated by its multiplier, stored with the short side at most `short_side`)
 
 The plan (data_pipeline.sampling) draws each level's clips over every usable video by Cutie's frame-level weights
 and shuffles them (seeded), so each shard mixes datasets and videos in the mixture's proportions. `--plan` prints,
@@ -39,13 +42,40 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from .readers import READERS, BadInput, Video, build_reader
+from .readers import READERS, STATIC_DATASETS, STATIC_MULTIPLIER, BadInput, Video, build_reader
 from .readers.base import ids_present
-from .sampling import NUM_FRAMES, ClipPlan, mixture_weights, plan_clips, usable
+from .sampling import (
+    NUM_FRAMES,
+    STATIC_LEVEL,
+    ClipPlan,
+    image_weights,
+    mixture_weights,
+    plan_clips,
+    plan_images,
+    usable,
+)
 
-OPTIONAL = {"reader_options"}  # dataset -> reader keyword arguments (DAVIS resolution, BURST annotations, ...)
+# reader_options: dataset -> reader keyword arguments (DAVIS resolution, BURST annotations, ...); kind: video (the
+# default) or static (stage 0); multipliers: static only, set -> repeats (default Cutie's, STATIC_MULTIPLIER)
+OPTIONAL = {"reader_options", "kind", "multipliers"}
 REQUIRED = {"data_root", "out", "datasets", "levels", "clips_per_level", "clips_per_shard", "short_side",
             "jpeg_quality", "seed", "num_cpus"}
+VIDEO_ONLY = {"levels", "clips_per_level"}  # a static job has one level and stores every image (x multiplier)
+KINDS = ("video", "static")
+
+
+def is_static(cfg: dict) -> bool:
+    return cfg.get("kind", "video") == "static"
+
+
+def levels_of(cfg: dict) -> dict[str, int]:
+    """The job's shard levels, {folder: max skip}: the config's, or {"static": 0} for a static job."""
+    return {STATIC_LEVEL: 0} if is_static(cfg) else cfg["levels"]
+
+
+def usable_sample(video: Video, cfg: dict) -> bool:
+    """A video with enough annotated frames for a clip, or (static) an image that kept its mask."""
+    return any(video.annotated) if is_static(cfg) else usable(video)
 
 
 def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out=None) -> dict:
@@ -61,18 +91,28 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
         cfg["data_root"] = str(data_root)
     if out is not None:
         cfg["out"] = str(out)
-    missing = REQUIRED - set(cfg)
+    kind = cfg.get("kind", "video")
+    if kind not in KINDS:
+        raise SystemExit(f"config kind={kind!r}: expected one of {list(KINDS)}")
+    required = REQUIRED - VIDEO_ONLY if kind == "static" else REQUIRED
+    missing = required - set(cfg)
     if missing:
         raise SystemExit(f"{path}: missing config keys {sorted(missing)}")
     cfg.setdefault("reader_options", {})
     unknown = set(cfg) - REQUIRED - OPTIONAL
     if unknown:
         raise SystemExit(f"{path}: unknown config keys {sorted(unknown)}")
-    if not cfg["data_root"] or not Path(cfg["data_root"]).is_dir():
-        raise SystemExit(f"data_root {cfg['data_root']!r} is not a folder (give --data-root)")
-    for k in ("clips_per_shard", "short_side", "num_cpus"):
-        if not isinstance(cfg[k], int) or cfg[k] <= 0:
-            raise SystemExit(f"config {k}={cfg[k]!r}: expected a positive int")
+    if kind == "static":
+        _check_static(path, cfg)
+        _check_common(cfg)
+        return cfg
+    if "multipliers" in cfg:
+        raise SystemExit(f"{path}: 'multipliers' is for kind: static (a video job weights datasets as Cutie does)")
+    wrong = sorted(set(cfg.get("datasets") or {}) & set(STATIC_DATASETS)) if isinstance(cfg["datasets"], dict) else []
+    if wrong:
+        raise SystemExit(f"{path}: {wrong} are static image sets; shard them with kind: static "
+                         "(data_pipeline/configs/static.yaml)")
+    _check_common(cfg)
     cpl = cfg["clips_per_level"]
     counts = cpl.values() if isinstance(cpl, dict) else [cpl]
     if not counts or not all(isinstance(n, int) and n > 0 for n in counts):
@@ -80,14 +120,43 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
     if isinstance(cpl, dict) and set(cpl) != set(cfg["levels"]):
         raise SystemExit(f"config clips_per_level names levels {sorted(cpl)}, config levels are "
                          f"{sorted(cfg['levels'])}")
-    if not isinstance(cfg["datasets"], dict) or not cfg["datasets"]:
-        raise SystemExit(f"config datasets={cfg['datasets']!r}: expected {{dataset: folder under data_root}}")
-    if not isinstance(cfg["jpeg_quality"], int) or not 1 <= cfg["jpeg_quality"] <= 100:
-        raise SystemExit(f"config jpeg_quality={cfg['jpeg_quality']!r}: expected 1..100")
     for lv, skip in cfg["levels"].items():
         if not lv.startswith("skip") or not isinstance(skip, int) or skip <= 0:
             raise SystemExit(f"config levels: bad entry {lv}: {skip!r}")
     return cfg
+
+
+def _check_common(cfg: dict) -> None:
+    if not cfg["data_root"] or not Path(cfg["data_root"]).is_dir():
+        raise SystemExit(f"data_root {cfg['data_root']!r} is not a folder (give --data-root)")
+    for k in ("clips_per_shard", "short_side", "num_cpus"):
+        if not isinstance(cfg[k], int) or cfg[k] <= 0:
+            raise SystemExit(f"config {k}={cfg[k]!r}: expected a positive int")
+    if not isinstance(cfg["datasets"], dict) or not cfg["datasets"]:
+        raise SystemExit(f"config datasets={cfg['datasets']!r}: expected {{dataset: folder under data_root}}")
+    if not isinstance(cfg["jpeg_quality"], int) or not 1 <= cfg["jpeg_quality"] <= 100:
+        raise SystemExit(f"config jpeg_quality={cfg['jpeg_quality']!r}: expected 1..100")
+
+
+def _check_static(path, cfg: dict) -> None:
+    """kind: static: image sets only, no levels, multipliers {set: positive int} (Cutie's by default)."""
+    given = sorted(VIDEO_ONLY & set(cfg))
+    if given:
+        raise SystemExit(f"{path}: {given} are for video jobs; a static job stores every image once per multiplier "
+                         "in one level, static/")
+    sets = cfg["datasets"] if isinstance(cfg["datasets"], dict) else {}
+    wrong = sorted(set(sets) - set(STATIC_DATASETS))
+    if wrong:
+        raise SystemExit(f"{path}: kind static takes the image sets {list(STATIC_DATASETS)}, not {wrong}")
+    mult = cfg.setdefault("multipliers", {d: STATIC_MULTIPLIER[d] for d in sets})
+    if not isinstance(mult, dict) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                         for v in mult.values()):
+        raise SystemExit(f"config multipliers={mult!r}: expected {{set: positive int}}")
+    extra = sorted(set(mult) - set(sets))
+    if extra:
+        raise SystemExit(f"config multipliers names {extra}, not in datasets {sorted(sets)}")
+    for d in sets:
+        mult.setdefault(d, STATIC_MULTIPLIER[d])
 
 
 PLAN_VERSION = 2  # 2: frame-weighted, shuffled plan (1: per-dataset, sorted by key); part of the config hash
@@ -148,8 +217,10 @@ def resize_short(img: np.ndarray, short: int, nearest: bool) -> np.ndarray:
     return cv2.resize(img, size, interpolation=interp)
 
 
-def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int) -> list[tuple[str, bytes]]:
-    """Members of one sample; BadInput on any damaged frame or mask."""
+def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int, only_shrink: bool = False
+                ) -> list[tuple[str, bytes]]:
+    """Members of one sample; BadInput on any damaged frame or mask. `only_shrink` (static images): the short side
+    becomes `short` only where it is longer (a small image is stored as it is)."""
     members, ids0, all_ids, orig, size = [], [], set(), None, None
     for t, fi in enumerate(plan.frame_indices):
         img = reader.read_image(video, fi)
@@ -160,8 +231,9 @@ def encode_clip(reader, video: Video, plan: ClipPlan, short: int, quality: int) 
         orig = orig or list(img.shape[:2])
         if list(img.shape[:2]) != orig:
             raise BadInput(where, f"frame size {img.shape[:2]} differs from the clip's {orig}")
-        img = resize_short(img, short, nearest=False)
-        mask = resize_short(mask, short, nearest=True)
+        to = min(short, min(img.shape[:2])) if only_shrink else short
+        img = resize_short(img, to, nearest=False)
+        mask = resize_short(mask, to, nearest=True)
         ids = ids_present(mask)  # of the stored mask: an object too small to survive the resize is not listed
         if t == 0:
             if not ids:
@@ -242,7 +314,8 @@ def clip_item(spec: dict, video: Video, plan: ClipPlan) -> tuple[dict, Video, Cl
     return spec, view, dataclasses.replace(plan, frame_indices=tuple(range(len(idx))))
 
 
-def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: int, quality: int) -> dict:
+def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: int, quality: int,
+               only_shrink: bool = False) -> dict:
     """Write one shard; returns (and writes) its stats. Uses one core, as the Ray task reserves: OpenCV's own
     thread pool (2 threads on 2 cores) made two tasks on two cores 1.2x slower each."""
     cv2.setNumThreads(1)
@@ -253,7 +326,7 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
         if key not in _READERS:
             _READERS[key] = build_reader(spec["dataset"], spec["root"], **spec.get("options", {}))
         try:
-            members += encode_clip(_READERS[key], video, plan, short, quality)
+            members += encode_clip(_READERS[key], video, plan, short, quality, only_shrink)
         except BadInput as e:
             skipped.append({"file": e.file, "reason": e.reason, "video": video.video, "key": plan.key})
         except Exception as e:  # noqa: BLE001  a decoder crash on one clip must not lose the shard
@@ -277,7 +350,9 @@ def _source_bytes(spec, video: Video, plan: ClipPlan) -> int:
     total = 0
     for fi in plan.frame_indices:
         p = None
-        if hasattr(reader, "image_dir") and "files" in video.meta:
+        if "image" in video.meta:  # a static image set: the path under the set's root
+            p = Path(spec["root"]) / video.meta["image"]
+        elif hasattr(reader, "image_dir") and "files" in video.meta:
             p = reader.image_dir / video.meta["files"][fi]
         elif hasattr(reader, "frame_dir"):
             p = reader.frame_dir / video.meta["dir"] / video.meta["names"][fi]
@@ -343,14 +418,18 @@ def list_videos(cfg: dict, ray=None, chunk: int = LIST_CHUNK
 def missing_datasets(videos: dict[str, list[Video]], skipped: list[dict], cfg: dict) -> dict[str, str]:
     """Datasets that give no usable video, with the reason (the unreadable file, the empty folder)."""
     out = {}
+    what = "image with its mask" if is_static(cfg) else "video"
     for d, vs in videos.items():
-        if any(usable(v) for v in vs):
+        if any(usable_sample(v, cfg) for v in vs):
             continue
         whole = [s for s in skipped if s.get("dataset") == d and "video" not in s]
+        bad = [s for s in skipped if s.get("dataset") == d and "video" in s]
         if whole:
             out[d] = f"{whole[0]['file']}: {whole[0]['reason']}"
+        elif not vs and bad:
+            out[d] = f"every {what} was skipped ({len(bad)}; e.g. {bad[0]['file']}: {bad[0]['reason']})"
         elif not vs:
-            out[d] = f"no video found under {Path(cfg['data_root']) / cfg['datasets'][d]}"
+            out[d] = f"no {what} found under {Path(cfg['data_root']) / cfg['datasets'][d]}"
         else:
             out[d] = f"{len(vs)} videos found, none with {NUM_FRAMES} annotated frames"
     return out
@@ -362,7 +441,8 @@ def check_missing(missing: dict[str, str], allow: list[str], cfg: dict) -> None:
         raise SystemExit(f"--allow-missing names {unknown}, not datasets of the config ({sorted(cfg['datasets'])})")
     refused = {d: why for d, why in missing.items() if d not in allow}
     if refused:
-        what = "; ".join(f"dataset {d} yields no usable video ({why})" for d, why in sorted(refused.items()))
+        unit = "image" if is_static(cfg) else "video"
+        what = "; ".join(f"dataset {d} yields no usable {unit} ({why})" for d, why in sorted(refused.items()))
         flags = " ".join(f"--allow-missing {d}" for d in sorted(refused))
         them = "them" if len(refused) > 1 else "it"
         raise SystemExit(f"{what}. Fix the data (data_root {cfg['data_root']}) or give {flags} to shard without {them}.")
@@ -395,7 +475,7 @@ def bytes_per_clip(cfg: dict, specs: dict, by_id: dict, plans: dict[str, list[Cl
             _READERS[(d, specs[d]["root"])] = reader
             try:
                 sizes.append(_payload_bytes(encode_clip(reader, by_id[(d, p.video)], p, cfg["short_side"],
-                                                        cfg["jpeg_quality"])))
+                                                        cfg["jpeg_quality"], is_static(cfg))))
             except BadInput:
                 continue
         if sizes:
@@ -413,6 +493,13 @@ def training_draws(train_config: str | Path, levels: dict[str, int]) -> dict:
     except ConfigError as e:
         raise SystemExit(f"--train-config: {e}") from e
     total, batch, d = tc.train.iterations, tc.train.global_batch, tc.data
+    static = STATIC_LEVEL in levels
+    if (d.kind == "static") != static:
+        raise SystemExit(f"--train-config {train_config} trains on data.kind={d.kind} shards, this shard config "
+                         f"writes {'static' if static else 'video'} shards")
+    if static:
+        return {"train_config": str(train_config), "iterations": total, "global_batch": batch, "max_skip": [],
+                "max_skip_until": [], "merge_probability": 0.0, "draws": {STATIC_LEVEL: total * batch}}
     bounds = [0] + [math.ceil(f * total) for f in d.max_skip_until[:-1]] + [total]
     by_skip = {skip: name for name, skip in levels.items()}
     draws: dict[str, int] = {}
@@ -432,10 +519,18 @@ def plan_summary(cfg: dict, videos: dict[str, list[Video]], plans: dict[str, lis
                  missing: dict[str, str], train: dict | None = None, estimate: bool = True) -> dict:
     """What the job will write, per dataset and per level, before it writes anything."""
     by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
-    cutie = mixture_weights(videos)
+    static = is_static(cfg)
+    cutie = image_weights(videos, cfg["multipliers"]) if static else mixture_weights(videos)
     all_clips = sum(len(ps) for ps in plans.values()) or 1
     datasets = {}
     for d in cfg["datasets"]:
+        if static:
+            vs = videos.get(d, [])
+            n = sum(1 for p in plans.get(STATIC_LEVEL, []) if p.dataset == d)
+            datasets[d] = {"images": len(vs), "usable_images": sum(1 for v in vs if any(v.annotated)),
+                           "multiplier": cfg["multipliers"][d], "clips": {STATIC_LEVEL: n},
+                           "share": n / all_clips, "cutie_share": cutie.get(d, 0.0), "missing": missing.get(d)}
+            continue
         vs = videos.get(d, [])
         per_level = {lv: sum(1 for p in ps if p.dataset == d) for lv, ps in sorted(plans.items())}
         datasets[d] = {"videos": len(vs), "usable_videos": sum(map(usable, vs)),
@@ -446,13 +541,14 @@ def plan_summary(cfg: dict, videos: dict[str, list[Video]], plans: dict[str, lis
     per = cfg["clips_per_shard"]
     levels = {}
     for lv, ps in sorted(plans.items()):
-        levels[lv] = {"max_skip": cfg["levels"][lv], "clips": len(ps), "shards": -(-len(ps) // per)}
+        levels[lv] = {"max_skip": levels_of(cfg)[lv], "clips": len(ps), "shards": -(-len(ps) // per)}
         if train:
             n = train["draws"].get(lv, 0)
             levels[lv]["training_draws"] = n
             levels[lv]["reuse"] = n / len(ps) if ps else None
             levels[lv]["reuse_with_pastes"] = n * (1 + train["merge_probability"]) / len(ps) if ps else None
-    out = {"config_hash": config_hash(cfg), "datasets": datasets, "levels": levels, "clips": all_clips,
+    out = {"config_hash": config_hash(cfg), "kind": cfg.get("kind", "video"), "datasets": datasets, "levels": levels,
+           "clips": all_clips,
            "shards": sum(v["shards"] for v in levels.values()), "missing": missing, "train": train}
     if estimate:
         bpc = bytes_per_clip(cfg, specs, by_id, plans)
@@ -474,7 +570,37 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def format_static_plan(plan: dict) -> str:
+    """The plan report of a static (stage-0) job: per image set, images found, usable, multiplier, samples."""
+    head = f"{'set':<11}{'images':>8}{'usable':>8}{'x':>4}{'samples':>9}{'share':>8}{'Cutie':>8}"
+    lines = [f"static shard plan (config hash {plan['config_hash']})", head, "-" * len(head)]
+    for d, r in plan["datasets"].items():
+        lines.append(f"{d:<11}{r['images']:>8}{r['usable_images']:>8}{r['multiplier']:>4}"
+                     f"{r['clips'][STATIC_LEVEL]:>9}{100 * r['share']:>7.1f}%{100 * r['cutie_share']:>7.1f}%")
+    lv = plan["levels"].get(STATIC_LEVEL, {"clips": 0, "shards": 0})
+    lines.append(f"{'total':<31}{lv['clips']:>9}")
+    lines.append("samples: usable images x multiplier (Cutie repeats each set's list); Cutie: the same share")
+    line = f"{STATIC_LEVEL}: {lv['clips']} single-image samples in {lv['shards']} shards"
+    if plan.get("train"):
+        t = plan["train"]
+        n = t["draws"][STATIC_LEVEL]
+        line += f"; training draws {n} -> each sample used {n / max(lv['clips'], 1):.1f}x"
+        lines.append(line)
+        lines.append(f"schedule: {t['train_config']}: {t['iterations']} iterations x global batch {t['global_batch']}"
+                     ", each sample a 3-frame pseudo-video drawn afresh")
+    else:
+        lines += [line, "reuse over training: give --train-config to see it"]
+    if "estimated_bytes" in plan:
+        bpc = ", ".join(f"{d} {_human(b)}" for d, b in plan["bytes_per_clip"].items())
+        lines.append(f"estimated disk: {_human(plan['estimated_bytes'])} ({bpc} per sample)")
+    for d, why in sorted(plan["missing"].items()):
+        lines.append(f"MISSING: set {d} yields no usable image: {why}")
+    return "\n".join(lines)
+
+
 def format_plan(plan: dict) -> str:
+    if plan.get("kind") == "static":
+        return format_static_plan(plan)
     levels = sorted(plan["levels"])
     head = (f"{'dataset':<11}{'videos':>8}{'usable':>8}{'frames':>10}{'annotated':>11}"
             + "".join(f"{lv:>9}" for lv in levels) + f"{'share':>8}{'Cutie':>8}")
@@ -574,7 +700,7 @@ def run(cfg: dict, allow_missing: list[str] = (), train_config: str | None = Non
     t0 = time.time()
     out = Path(cfg["out"])
     check_out(out, cfg)
-    train = training_draws(train_config, cfg["levels"]) if train_config else None
+    train = training_draws(train_config, levels_of(cfg)) if train_config else None
     ray = init_ray(cfg["num_cpus"])
     try:
         return _run(cfg, out, ray, t0, list(allow_missing), train)
@@ -582,10 +708,17 @@ def run(cfg: dict, allow_missing: list[str] = (), train_config: str | None = Non
         ray.shutdown()
 
 
+def make_plans(cfg: dict, videos: dict[str, list[Video]]) -> dict[str, list[ClipPlan]]:
+    """Every level's samples: 8-frame clips by Cutie's weights, or (static) every image x its multiplier."""
+    if is_static(cfg):
+        return plan_images(videos, cfg["multipliers"], cfg["seed"])
+    return plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
+
+
 def plan_only(cfg: dict, allow_missing: list[str] = (), train_config: str | None = None, as_json: bool = False
               ) -> dict:
     """`--plan`: list, plan and estimate; writes nothing."""
-    train = training_draws(train_config, cfg["levels"]) if train_config else None
+    train = training_draws(train_config, levels_of(cfg)) if train_config else None
     ray = init_ray(cfg["num_cpus"]) if cfg["num_cpus"] > 1 else None
     try:
         videos, specs, skipped = list_videos(cfg, ray)
@@ -593,7 +726,7 @@ def plan_only(cfg: dict, allow_missing: list[str] = (), train_config: str | None
         if ray is not None:
             ray.shutdown()
     missing = missing_datasets(videos, skipped, cfg)
-    plans = plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
+    plans = make_plans(cfg, videos)
     plan = plan_summary(cfg, videos, plans, specs, missing, train)
     plan["skipped_while_listing"] = len(skipped)
     print(json.dumps(plan, indent=1, sort_keys=True) if as_json else format_plan(plan), flush=True)
@@ -608,7 +741,7 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
     videos, specs, skipped = list_videos(cfg, ray)
     missing = missing_datasets(videos, skipped, cfg)
     check_missing(missing, allow_missing, cfg)
-    plans = plan_clips(videos, cfg["clips_per_level"], cfg["levels"], cfg["seed"])
+    plans = make_plans(cfg, videos)
     plan = plan_summary(cfg, videos, plans, specs, missing, train, estimate=False)
     print(format_plan(plan), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -631,7 +764,7 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
         remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(shard_task)
         # longest first (a level's last shard is partial): the last wave leaves fewer workers idle
         todo.sort(key=lambda job: -len(job[1]))
-        pending = [remote.remote(str(p), it, cfg["short_side"], cfg["jpeg_quality"]) for p, it in todo]
+        pending = [remote.remote(str(p), it, cfg["short_side"], cfg["jpeg_quality"], is_static(cfg)) for p, it in todo]
         with tqdm(total=len(pending), desc="shards", unit="shard", file=sys.stdout) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -642,13 +775,16 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
         st = json.loads(stats_path(p).read_text())
         stats[str(p.relative_to(out))] = st
         skipped += [dict(s, shard=str(p.relative_to(out))) for s in st["skipped"]]
-    counts = {d: {**{k: r[k] for k in ("videos", "usable_videos", "frames", "annotated_frames")},
-                  "clips": sum(r["clips"].values())} for d, r in plan["datasets"].items()}
+    counted = ("images", "usable_images", "multiplier") if is_static(cfg) else \
+        ("videos", "usable_videos", "frames", "annotated_frames")
+    counts = {d: {**{k: r[k] for k in counted}, "clips": sum(r["clips"].values())} for d, r in plan["datasets"].items()}
     total_clips = sum(s["clips"] for s in stats.values())
     total_bytes = sum(s["bytes"] for s in stats.values())
     source = sum(s.get("source_bytes", 0) for s in stats.values())
-    manifest = {"config": cfg, "config_hash": config_hash(cfg), "plan_version": PLAN_VERSION, "datasets": counts,
-                "mixture_weights": mixture_weights(videos), "levels": cfg["levels"],
+    weights = image_weights(videos, cfg["multipliers"]) if is_static(cfg) else mixture_weights(videos)
+    manifest = {"config": cfg, "config_hash": config_hash(cfg), "plan_version": PLAN_VERSION,
+                "kind": cfg.get("kind", "video"), "datasets": counts, "mixture_weights": weights,
+                "levels": levels_of(cfg),
                 "clips_per_level": {lv: sum(s["clips"] for k, s in stats.items() if k.startswith(lv + "/"))
                                     for lv in sorted(plans)},
                 "clips_per_shard": {k: s["clips"] for k, s in stats.items()},

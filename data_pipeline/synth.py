@@ -5,6 +5,12 @@ DIR/OVIS, DIR/MOSE and DIR/BURST. Content is learnable: a smooth textured backgr
 ellipses moving smoothly and keeping their appearance. Corner cases: an object appearing late and one vanishing, an
 empty frame, a BURST track missing in a frame, OVIS and MOSE sharing a video id, YouTube-VOS numbering starting
 above 00000 in steps of 5, OVIS null per-frame entries and both RLE flavours.
+
+It also writes DIR/static: the static image sets of Cutie's stage-0 pre-training (readers/static.py), each
+image a textured background with one salient object and its 8-bit grey 0/255 mask with anti-aliased edges:
+fss/<class>/<N>, DUTS-TR, ecssd, BIG_small and HRSOD_small as name.jpg + name.png pairs (Cutie's layout),
+DUTS-TE in DUTS's own layout (DUTS-TE-Image/, DUTS-TE-Mask/). Sizes vary by +-10% within a set, BIG and HRSOD
+are 1.5x larger, and every set has a portrait image (the second; FSS: of its first class).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from .readers.static import STATIC_FOLDERS
 
 
 def palette() -> list[int]:
@@ -206,28 +214,121 @@ def synth_burst(root: Path, rng, videos: int, t: int, h: int, w: int) -> None:
     (base / "train" / "all_classes.json").write_text(json.dumps({"split": "train", "sequences": seqs}))
 
 
+def make_static_image(rng: np.random.Generator, h: int, w: int, shape: str, colour: np.ndarray):
+    """One static image (RGB uint8 (h, w, 3)) and its grey mask (uint8, 0 background, 255 object,
+    anti-aliased edge values between): a smooth textured background and one striped `shape` ("ellipse" or
+    "polygon") object."""
+    small = rng.random((max(2, h // 16), max(2, w // 16), 3)).astype(np.float32)
+    bg = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC) * 120 + 40
+    bg += rng.normal(0, 8, (h, w, 3))
+    s = 4  # drawn at 4x, then area-averaged down: the edge pixels get intermediate grey values
+    big = np.zeros((h * s, w * s), np.uint8)
+    r = rng.uniform(0.22, 0.38) * min(h, w) * s
+    cy, cx = rng.uniform(r, h * s - r), rng.uniform(r, w * s - r)
+    if shape == "ellipse":
+        axes = (int(r), int(r * rng.uniform(0.55, 0.95)))
+        cv2.ellipse(big, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    else:
+        n = int(rng.integers(5, 9))
+        ang = np.linspace(0, 2 * np.pi, n, endpoint=False) + rng.uniform(0, 2 * np.pi)
+        ang += rng.uniform(-0.4, 0.4, n) * np.pi / n  # evenly spread vertices, jittered: no slivers
+        rad = r * rng.uniform(0.6, 1.0, n)
+        pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).round().astype(np.int32)
+        cv2.fillPoly(big, [pts], 255)
+    mask = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    tex = 0.75 + 0.25 * np.sin((xx + yy) * rng.uniform(0.2, 0.6))[..., None]
+    alpha = (mask.astype(np.float32) / 255)[..., None]
+    img = bg * (1 - alpha) + (colour * tex) * alpha
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+FSS_CLASSES = ("apple", "kite", "zebra")  # one shape and hue per class
+
+
+def _fss_per_class(images: int) -> int:
+    return max(1, images // len(FSS_CLASSES))
+
+
+def synth_static(root: Path, rng, images: int, h: int, w: int) -> None:
+    """`images` images per static set (FSS: that many split over its classes) of about h x w under `root`."""
+    def write(jpg: Path, png: Path, portrait: bool, scale: float, shape: str, colour: np.ndarray) -> None:
+        f = scale * rng.uniform(0.9, 1.1)
+        hh, ww = round(h * f), round(w * f)
+        if portrait:
+            hh, ww = ww, hh
+        img, mask = make_static_image(rng, hh, ww, shape, colour)
+        _jpg(jpg, img)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(png)  # mode 'L'
+
+    def colour() -> np.ndarray:
+        return rng.uniform(60, 255, 3)
+
+    def portrait(k: int, n: int) -> bool:  # the second image of a set (its only one when alone) is portrait
+        return k == min(1, n - 1)
+
+    base = root / "static"
+    per_class = _fss_per_class(images)
+    for c, cls in enumerate(FSS_CLASSES):
+        tint = colour()
+        for k in range(per_class):
+            d = base / STATIC_FOLDERS["fss"] / cls
+            write(d / f"{k + 1}.jpg", d / f"{k + 1}.png", c == 0 and portrait(k, per_class), 1.0,
+                  ("ellipse", "polygon")[c % 2], np.clip(tint + rng.normal(0, 15, 3), 0, 255))
+    names = {"duts_tr": "ILSVRC2012_test_{:08d}", "duts_te": "ILSVRC2012_test_{:08d}", "ecssd": "{:04d}",
+             "big": "big_{:03d}", "hrsod": "hrsod_{:03d}"}
+    for ds, pattern in names.items():
+        d = base / STATIC_FOLDERS[ds]
+        scale = 1.5 if ds in ("big", "hrsod") else 1.0
+        for k in range(images):
+            stem = pattern.format(k + 1)
+            if ds == "duts_te":  # DUTS's own layout, to exercise both
+                jpg, png = d / f"{d.name}-Image" / f"{stem}.jpg", d / f"{d.name}-Mask" / f"{stem}.png"
+            else:
+                jpg, png = d / f"{stem}.jpg", d / f"{stem}.png"
+            write(jpg, png, portrait(k, images), scale, ("ellipse", "polygon")[k % 2], colour())
+
+
 DATASETS = ("YouTubeVOS", "DAVIS", "OVIS", "MOSE", "BURST")
 SMALL_VIDEOS = 3
 DEFAULT_VIDEOS = 4
+SMALL_STATIC = 6
+DEFAULT_STATIC = 12
 
 
 def synthesize(out: Path, seed: int = 0, videos: int | None = None, small: bool = False,
-               size: tuple[int, int, int] | None = None) -> Path:
-    """Write `videos` videos per dataset (default 3 with `small`, else 4).
+               size: tuple[int, int, int] | None = None, static: bool = True) -> Path:
+    """Write `videos` videos per dataset (default 3 with `small`, else 4), and with `static` out/static:
+    `videos` images per static set (default 6 with `small`, else 12).
 
-    `small` makes 20 frames of 160x120 (else 24 of 256x192); `size` (frames, height, width) overrides either
-    (benchmarks synthesise 720p).
+    `small` makes 20 frames of 160x120 (else 24 of 256x192; static images about the same size); `size`
+    (frames, height, width) overrides either for the videos only (benchmarks synthesise 720p).
     """
     t, h, w = (20, 120, 160) if small else (24, 192, 256)
     if size is not None:
         t, h, w = size
+    videos_arg = videos
     if videos is None:
         videos = SMALL_VIDEOS if small else DEFAULT_VIDEOS
     if videos < 1:
         raise ValueError(f"--videos must be at least 1, got {videos}")
     for k, fn in enumerate((synth_youtubevos, synth_davis, synth_ovis, synth_mose, synth_burst)):
         fn(out, np.random.default_rng([seed, k]), videos, t, h, w)
+    if static:
+        sh, sw = static_size(small)
+        synth_static(out, np.random.default_rng([seed, 99]), static_images(videos_arg, small), sh, sw)
     return out
+
+
+def static_size(small: bool) -> tuple[int, int]:
+    """(height, width) of the static images before their +-10% jitter (BIG and HRSOD: 1.5x that)."""
+    return (120, 160) if small else (192, 256)
+
+
+def static_images(videos: int | None, small: bool) -> int:
+    """Images per static set: `videos` when given, else 6 with `small`, else 12."""
+    return videos if videos is not None else (SMALL_STATIC if small else DEFAULT_STATIC)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,18 +338,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=int, default=None,
                     help=f"videos per dataset (default {DEFAULT_VIDEOS}, or {SMALL_VIDEOS} with --small)")
     ap.add_argument("--small", action="store_true", help="20 frames of 160x120 per video (default 24 of 256x192)")
+    ap.add_argument("--only-static", action="store_true",
+                    help="write only OUT/static (the stage-0 image sets), e.g. next to video sets written earlier")
     a = ap.parse_args(argv)
     if a.videos is not None and a.videos < 1:
         ap.error(f"--videos must be at least 1, got {a.videos}")
-    taken = [d for d in DATASETS if (a.out / d).is_dir() and any((a.out / d).iterdir())]
+    names = ("static",) if a.only_static else (*DATASETS, "static")
+    taken = [d for d in names if (a.out / d).is_dir() and any((a.out / d).iterdir())]
     if taken:  # a second run into the same folder would mix two data sets under one name
         print(f"error: {a.out} already holds {', '.join(taken)}: give an empty --out", file=sys.stderr)
         return 2
-    synthesize(a.out, a.seed, a.videos, a.small)
-    t, h, w = (20, 120, 160) if a.small else (24, 192, 256)
-    n = a.videos if a.videos is not None else (SMALL_VIDEOS if a.small else DEFAULT_VIDEOS)
-    per = ", ".join(f"{d} {n}" + (f" train + {max(2, n // 2)} val" if d == "DAVIS" else "") for d in DATASETS)
-    print(f"wrote {per} videos of {t} frames at {w}x{h} (seed {a.seed}) into {a.out}")
+    k, (sh, sw) = static_images(a.videos, a.small), static_size(a.small)
+    if a.only_static:
+        synth_static(a.out, np.random.default_rng([a.seed, 99]), k, sh, sw)  # the same images synthesize writes
+    else:
+        synthesize(a.out, a.seed, a.videos, a.small)
+        t, h, w = (20, 120, 160) if a.small else (24, 192, 256)
+        n = a.videos if a.videos is not None else (SMALL_VIDEOS if a.small else DEFAULT_VIDEOS)
+        per = ", ".join(f"{d} {n}" + (f" train + {max(2, n // 2)} val" if d == "DAVIS" else "") for d in DATASETS)
+        print(f"wrote {per} videos of {t} frames at {w}x{h} (seed {a.seed}) into {a.out}")
+    sets = [f"fss {len(FSS_CLASSES) * _fss_per_class(k)} ({len(FSS_CLASSES)} classes)"]
+    sets += [f"{STATIC_FOLDERS[d]} {k}" + (" (DUTS layout)" if d == "duts_te" else "")
+             for d in ("duts_tr", "duts_te", "ecssd", "big", "hrsod")]
+    print(f"wrote static images {', '.join(sets)} of about {sw}x{sh} ({int(sw * 1.5)}x{int(sh * 1.5)} for "
+          f"BIG_small and HRSOD_small) into {a.out / 'static'}")
     return 0
 
 

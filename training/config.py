@@ -36,6 +36,9 @@ OPERATIONAL_KEYS = ("output_dir", "train.stop_after", "checkpoint.dir", "checkpo
                     "validation.time_limit_minutes", "validation.overlays", "tracking.tracking_uri",
                     "tracking.log_every", "tracking.system_metrics", "tracking.system_metrics_interval",
                     "tracking.upload_retries", "tracking.run_name", "data.verify_shards")
+# Keys added after runs were already written, with the value their absence meant: at that value they are left out
+# of TrainConfig.hash() and a checkpoint's config without them reads as having it, so an earlier run resumes.
+LATER_KEYS = {"data.kind": "video"}
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     shards: str = ""  # root written by data_pipeline.shard (holds manifest.json, skip05/, skip10/, skip15/)
+    kind: str = "video"  # "video" (main training) or "static" (stage 0: static-image shards in static/, pseudo-videos)
     num_frames: int = 8
     num_ref_frames: int = 3
     num_objects: int = 3
@@ -137,7 +141,8 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Hash of everything that defines what the run trains (not OPERATIONAL_KEYS): resumes check it."""
-        d = {k: v for k, v in self.flat().items() if k not in OPERATIONAL_KEYS}
+        d = {k: v for k, v in self.flat().items()
+             if k not in OPERATIONAL_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -320,6 +325,11 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         raise ConfigError("data.max_skip_until", f"must increase and end at 1.0, got {d.max_skip_until}")
     if not 1 <= d.num_ref_frames < d.num_frames:
         raise ConfigError("data.num_ref_frames", f"must be in [1, num_frames), got {d.num_ref_frames}")
+    if d.kind not in ("video", "static"):
+        raise ConfigError("data.kind", f"must be video or static, got {d.kind!r}")
+    if d.kind == "static" and d.num_objects != 1:
+        raise ConfigError("data.num_objects", f"a static-image pseudo-video holds one object (Cutie's stage 0): set "
+                                              f"data.num_objects=1, got {d.num_objects}")
     if not cfg.output_dir:
         raise ConfigError("output_dir", "must be set")
     if check_paths:
@@ -327,11 +337,16 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError("data.shards", "must point at the folder written by data_pipeline.shard")
         if not Path(d.shards).is_dir():
             raise ConfigError("data.shards", f"folder not found: {d.shards}")
-        for skip in sorted(set(d.max_skip)):  # the loader's level folders (data_pipeline.loader.level_name)
-            level = Path(d.shards) / f"skip{skip:02d}"
+        levels = ["static"] if d.kind == "static" else [f"skip{skip:02d}" for skip in sorted(set(d.max_skip))]
+        for name in levels:  # the loader's level folders (data_pipeline.loader.LoaderConfig.level_dir)
+            level = Path(d.shards) / name
+            if d.kind == "video" and (Path(d.shards) / "static").is_dir() and not level.is_dir():
+                raise ConfigError("data.shards", f"{d.shards} holds static-image shards (static/): set data.kind=static "
+                                  "for stage 0, or point data.shards at the video shards")
             if not level.is_dir() or not any(level.glob("*.tar")):
                 what = "is missing" if not level.is_dir() else "holds no .tar shard"
-                raise ConfigError("data.shards", f"{level} {what} (data.max_skip has {skip}); write the shards "
+                why = "data.kind is static" if d.kind == "static" else f"data.max_skip has {int(name[4:])}"
+                raise ConfigError("data.shards", f"{level} {what} ({why}); write the shards "
                                   "with `python -m data_pipeline.shard` first")
         if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
             raise ConfigError("model.init_from", f"file not found: {cfg.model.init_from}")

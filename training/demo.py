@@ -2,10 +2,12 @@
 
     DEMO_DIR=demo_out python -m training.demo
 
-synthesize the five datasets → shard them with the Ray job on a local Ray → train `demo_cpu.yaml` with the
-`deepspeed` launcher on 2 CPU ranks (ZeRO-2), validating checkpoints into MLflow → select the champion → score
-it on the synthetic DAVIS val split next to the copy-the-first-mask baseline and the same model untrained →
-print a summary (with the `mlflow ui` command) and write DEMO_DIR/summary.json.
+synthesize the five datasets and the six static image sets → shard them with the Ray job on a local Ray → stage 0:
+pre-train `demo_cpu_static.yaml` on 3-frame pseudo-videos of the static images → main training: `demo_cpu.yaml`
+started from stage 0's final weights, both with the `deepspeed` launcher on 2 CPU ranks (ZeRO-2), validating
+checkpoints into MLflow → select the champion → score it on the synthetic DAVIS val split next to the
+copy-the-first-mask baseline and the same model untrained → print a summary (with the `mlflow ui` command) and write
+DEMO_DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import model  # noqa: F401  (torchvision shim before anything imports timm)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "demo_cpu.yaml"
+STATIC_CONFIG = ROOT / "training" / "configs" / "demo_cpu_static.yaml"
 SHARD_CONFIG = ROOT / "data_pipeline" / "configs" / "demo.yaml"
+STATIC_SHARD_CONFIG = ROOT / "data_pipeline" / "configs" / "static_demo.yaml"
 EXPERIMENT = "s3-demo"
+STATIC_EXPERIMENT = "s3-demo-static"
 
 
 def _step(title: str) -> float:
@@ -67,10 +72,25 @@ def train_overrides(demo: Path) -> list[str]:
             f"tracking.experiment={EXPERIMENT}"]
 
 
-def run_training(demo: Path, env: dict[str, str], extra: list[str] | None = None) -> None:
+def static_overrides(demo: Path) -> list[str]:
+    return [f"output_dir={demo / 'train_static'}", f"data.shards={demo / 'static_shards'}",
+            f"validation.root={demo / 'data' / 'DAVIS'}", f"tracking.tracking_uri=sqlite:///{demo / 'mlflow.db'}",
+            f"tracking.experiment={STATIC_EXPERIMENT}"]
+
+
+def stage0_weights(demo: Path) -> Path:
+    """The consolidated weights of stage 0's last iteration (its validation at the end writes them)."""
+    from training.config import load_config
+
+    iterations = load_config(STATIC_CONFIG, static_overrides(demo), check_paths=False).train.iterations
+    return demo / "train_static" / "weights" / f"iter_{iterations:07d}.pt"
+
+
+def run_training(demo: Path, env: dict[str, str], extra: list[str] | None = None, static: bool = False) -> None:
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    config, overrides = (STATIC_CONFIG, static_overrides(demo)) if static else (CONFIG, train_overrides(demo))
     _run([deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "training/train.py",
-          "--config", str(CONFIG), *train_overrides(demo), *(extra or [])], env=env)
+          "--config", str(config), *overrides, *(extra or [])], env=env)
 
 
 def champion_weights(alias_uri: str, tracking_uri: str, dest: Path) -> Path:
@@ -125,6 +145,18 @@ def make_data(root: Path, small: bool = False, env: dict[str, str] | None = None
     return count_clips(root / "shards")
 
 
+def make_static_shards(root: Path, env: dict[str, str] | None = None) -> int:
+    """Shard the synthetic static image sets (root/data/static, written by synth) into root/static_shards with the
+    Ray job (kind: static); the number of samples. Resumable like make_data."""
+    env = env or _env()
+    if not (root / "data" / "static").is_dir():
+        _run([sys.executable, "-m", "data_pipeline.synth", "--out", str(root / "data"), "--seed", "0",
+              "--only-static"], env=env)
+    _run([sys.executable, "-m", "data_pipeline.shard", "--config", str(STATIC_SHARD_CONFIG), "--data-root",
+          str(root / "data" / "static"), "--out", str(root / "static_shards")], env=env)
+    return json.loads((root / "static_shards" / "manifest.json").read_text())["num_clips"]
+
+
 def main() -> int:
     demo = Path(os.environ.get("DEMO_DIR", "demo_out")).resolve()
     demo.mkdir(parents=True, exist_ok=True)
@@ -132,15 +164,23 @@ def main() -> int:
     t_all = time.time()
     times: dict[str, float] = {}
 
-    t = _step("1-2/5 synthesize the five datasets in their native layouts, shard them with the Ray job")
+    t = _step("1-2/6 synthesize the five datasets and the static image sets in their native layouts, shard them "
+              "with the Ray job")
     clips = make_data(demo, env=env)
+    static_samples = make_static_shards(demo, env=env)
     times["data_s"] = time.time() - t
 
-    t = _step("3/5 train demo_cpu.yaml: deepspeed, 2 CPU ranks, ZeRO-2, validation into MLflow")
-    run_training(demo, env)  # a rerun resumes from the last complete checkpoint (or returns at once when done)
+    t = _step("3/6 stage 0: pre-train demo_cpu_static.yaml on 3-frame pseudo-videos of the static images")
+    run_training(demo, env, static=True)  # a rerun resumes (or returns at once when done)
+    times["stage0_s"] = time.time() - t
+
+    t = _step("4/6 main training: demo_cpu.yaml from stage 0's weights; deepspeed, 2 CPU ranks, ZeRO-2, validation "
+              "into MLflow")
+    init = stage0_weights(demo)
+    run_training(demo, env, [f"model.init_from={init}"])  # a rerun resumes from the last complete checkpoint
     times["train_s"] = time.time() - t
 
-    t = _step("4/5 select the champion checkpoint in MLflow")
+    t = _step("5/6 select the champion checkpoint in MLflow")
     from training.select import select
 
     tracking_uri = f"sqlite:///{demo / 'mlflow.db'}"
@@ -149,7 +189,7 @@ def main() -> int:
           f"val/J&F {champ.score:.4f})")
     times["select_s"] = time.time() - t
 
-    t = _step("5/5 evaluate the champion, the untrained model and the copy-first-mask baseline")
+    t = _step("6/6 evaluate the champion, the untrained model and the copy-first-mask baseline")
     dl = demo / "eval" / "champion_download"
     shutil.rmtree(dl, ignore_errors=True)
     dl.mkdir(parents=True)
@@ -164,9 +204,19 @@ def main() -> int:
     from training.train import read_loss_log
 
     losses = read_loss_log(demo / "train")
+    stage0 = read_loss_log(demo / "train_static")
+    stage0_val = _last_validation(demo / "train_static")
+    lineage = json.loads((demo / "train" / "run_info.json").read_text()).get("lineage", {})
     summary = {
         "demo_dir": str(demo),
         "clips_written": clips,
+        "static_samples_written": static_samples,
+        "stage0_iterations": stage0[-1]["iteration"] if stage0 else 0,
+        "stage0_first_loss": stage0[0]["total_loss"] if stage0 else None,
+        "stage0_last_loss": stage0[-1]["total_loss"] if stage0 else None,
+        "stage0_val_JF": stage0_val.get("J&F-Mean"),
+        "stage0_weights": str(init),
+        "main_training_started_from": lineage.get("s3vos.stage0"),
         "iterations_trained": losses[-1]["iteration"] if losses else 0,
         "first_loss": losses[0]["total_loss"] if losses else None,
         "last_loss": losses[-1]["total_loss"] if losses else None,
@@ -187,18 +237,31 @@ def main() -> int:
     }
     (demo / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== summary (" + str(demo / "summary.json") + ")")
-    print(f"clips written        {summary['clips_written']}")
+    print(f"clips written        {summary['clips_written']} video clips, {static_samples} static-image samples")
+    if stage0:
+        print(f"stage 0              {summary['stage0_iterations']} iterations on pseudo-videos  (loss "
+              f"{stage0[0]['total_loss']:.3f} → {stage0[-1]['total_loss']:.3f}; val J&F "
+              f"{summary['stage0_val_JF'] if summary['stage0_val_JF'] is None else format(summary['stage0_val_JF'], '.4f')})")
+    print(f"main training from   stage 0: {summary['main_training_started_from']}")
     if losses:
         print(f"iterations trained   {summary['iterations_trained']}  (loss {losses[0]['total_loss']:.3f} → "
               f"{losses[-1]['total_loss']:.3f})")
     print(f"champion             {champ.alias_uri}  (iteration {champ.iteration})")
-    print(f"val J&F  champion {trained['J&F-Mean']:.4f} | untrained {untrained['J&F-Mean']:.4f} | "
+    print(f"val J&F  champion (stage 0 + main) {trained['J&F-Mean']:.4f} | untrained {untrained['J&F-Mean']:.4f} | "
           f"copy-first-mask {baseline['J&F-Mean']:.4f}")
     print(f"wall time            {summary['wall_seconds']:.0f} s")
     print(f"browse the run:      .venv/bin/{summary['mlflow_ui']}")
     print("then open            http://127.0.0.1:5000/#/experiments?workflowType=machine_learning  (the sidebar's "
           "Model training view; README section 3)")
     return 0 if summary["champion_beats_baseline"] and summary["champion_beats_untrained"] else 1
+
+
+def _last_validation(out: Path) -> dict:
+    """The last scored validation record of a run (OUTPUT/validation.jsonl), {} when there is none."""
+    path = out / "validation.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    scored = [r for r in records if "J&F-Mean" in r]
+    return scored[-1] if scored else {}
 
 
 if __name__ == "__main__":

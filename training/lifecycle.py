@@ -199,6 +199,19 @@ def disk_full(exc: BaseException, paths: list[str | os.PathLike]) -> str | None:
 # ----------------------------------------------------------------------------------------------- provenance
 
 
+def with_later_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the keys added since it was written (training.config.LATER_KEYS) at the value
+    their absence meant."""
+    from training.config import LATER_KEYS
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for key, value in LATER_KEYS.items():
+        section, name = key.split(".", 1)
+        if isinstance(out.get(section), dict):
+            out[section].setdefault(name, value)
+    return out
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """[(dotted key, old value, new value)] for every key whose value differs (sections flattened)."""
     from training.config import flatten

@@ -179,6 +179,7 @@ def check_resume(cfg: TrainConfig, allow_config_change: bool) -> ResumePlan:
     if old is None:
         diff = [("<config>", f"hash {marker.get('config_hash')}", f"hash {cfg.hash()}")]
     else:
+        old = lifecycle.with_later_keys(old)
         diff = lifecycle.config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS)
     if not diff:
         return plan
@@ -282,6 +283,7 @@ class Trainer:
             self._log_config_change(plan)
         if self.init_report is not None and self.rank == 0 and self.tracker.enabled:
             self.tracker.mlflow.log_dict(self.init_report, "config/init_from.json")
+        self.lineage = self._lineage() if self.rank == 0 else {}
         self.iteration, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0
         self.loader = self._build_loader()
         if self.resume_from:
@@ -307,7 +309,7 @@ class Trainer:
                 "accumulation": split.accumulation, "engine_train_batch_size": self.engine.train_batch_size(),
                 "zero_stage": self.engine.zero_optimization_stage(), "bf16": self.bf16,
                 "precision": f"autocast {optim.autocast_dtype(cfg)}, fp32 parameters" if self.bf16 else "fp32",
-                "sync_batchnorm_layers": self.sync_bn_layers,
+                "sync_batchnorm_layers": self.sync_bn_layers, "lineage": self.lineage,
                 "resumed_from": str(self.resume_from.path) if self.resume_from else None}, indent=2))
 
     # ---------------------------------------------------------------------------------------- building
@@ -339,6 +341,18 @@ class Trainer:
             log.info("model.init_from %s: %s", self.cfg.model.init_from, format_init_report(report))
         return report
 
+    def _lineage(self) -> dict[str, str]:
+        """Stage 0 → main training: the run's stage and what its weights started from, as MLflow tags (rank 0)."""
+        from training import lineage
+
+        client = self.tracker.mlflow.MlflowClient() if self.tracker.enabled else None
+        tags = lineage.run_tags(self.cfg, client)
+        if lineage.STAGE0 in tags:
+            log.info("stage 0: %s", tags[lineage.STAGE0])
+        if self.tracker.enabled:
+            self.tracker._call("tag_lineage", self.tracker.mlflow.set_tags, tags)
+        return tags
+
     def _log_config_change(self, plan: ResumePlan) -> None:
         """--allow-config-change: the change goes into the same MLflow run, next to the resolved config."""
         from training import lifecycle
@@ -365,7 +379,7 @@ class Trainer:
             total_iterations=self.cfg.train.iterations * self.split.accumulation,
             num_frames=d.num_frames, num_objects=d.num_objects, crop_size=d.crop_size,
             max_skip=d.max_skip, max_skip_until=d.max_skip_until, num_workers=d.num_workers,
-            seed=self.cfg.train.seed, infinite=True, verify_shards=d.verify_shards, **d.loader)
+            seed=self.cfg.train.seed, infinite=True, verify_shards=d.verify_shards, kind=d.kind, **d.loader)
 
     def _broadcast(self, value):
         box = [value]

@@ -1,4 +1,5 @@
-"""Native-format readers of the five training datasets, all producing the common `Video` record."""
+"""Native-format readers of the five training video datasets and of the static image sets of Cutie's stage-0
+pre-training (`static.py`), all producing the common `Video` record."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from .burst import BurstReader
 from .davis import DavisReader
 from .mose import MoseReader
 from .ovis import OvisReader
+from .static import STATIC_DATASETS, STATIC_FOLDERS, STATIC_MULTIPLIER, STATIC_READERS, StaticReader
 from .youtubevos import YouTubeVOSReader
 
 READERS = {"youtubevos": YouTubeVOSReader, "davis": DavisReader, "ovis": OvisReader, "mose": MoseReader,
-           "burst": BurstReader}
+           "burst": BurstReader, **STATIC_READERS}
 FOLDERS = {"youtubevos": "YouTubeVOS", "davis": "DAVIS", "ovis": "OVIS", "mose": "MOSE", "burst": "BURST"}
 
 
@@ -22,4 +24,5 @@ def build_reader(dataset: str, root: str | Path, **kw) -> Reader:
     return READERS[dataset](root, **kw)
 
 
-__all__ = ["BadInput", "Reader", "Video", "READERS", "FOLDERS", "build_reader"]
+__all__ = ["BadInput", "Reader", "Video", "READERS", "FOLDERS", "build_reader", "StaticReader",
+           "STATIC_DATASETS", "STATIC_FOLDERS", "STATIC_MULTIPLIER"]

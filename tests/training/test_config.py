@@ -138,3 +138,51 @@ def test_demo_config_loads(tmp_path):
     cfg = load_config(CONFIGS / "demo_cpu.yaml", [f"data.shards={tmp_path / 's'}", f"validation.root={tmp_path / 'v'}"])
     assert cfg.model.name == "tiny" and cfg.train.zero_stage == 2 and cfg.train.precision == "fp32"
     assert split_global_batch(cfg, 2).world_size == 2
+
+
+def _static_paths(tmp_path: Path) -> list[str]:
+    (tmp_path / "static_shards" / "static").mkdir(parents=True)
+    (tmp_path / "static_shards" / "static" / "shard-000000.tar").touch()
+    (tmp_path / "val").mkdir(exist_ok=True)
+    return [f"data.shards={tmp_path / 'static_shards'}", f"validation.root={tmp_path / 'val'}"]
+
+
+def test_stage0_config_has_the_release_values(tmp_path):
+    from model.config import load_model_config
+    from training.optim import lr_at
+
+    cfg = load_config(CONFIGS / "s3_pretrain_static.yaml", _static_paths(tmp_path))
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    assert d.kind == "static" and (d.num_frames, d.num_ref_frames, d.num_objects, d.crop_size) == (3, 2, 1, 384)
+    assert (t.iterations, t.global_batch, t.precision) == (80_000, 16, "fp32")
+    assert (o.lr, o.weight_decay, o.encoder_lr_ratio, o.clip_grad_norm) == (1e-4, 0.001, 0.1, 3.0)
+    assert {lr_at(cfg, i) for i in (0, 40_000, 79_999)} == {1e-4}  # constant
+    m = load_model_config(cfg.model.name, cfg.model.overrides)
+    assert (m.loss.num_points, m.loss.oversample_ratio, m.loss.importance_sample_ratio) == (8192, 3.0, 0.75)
+    assert m.drop_path == 0.0
+
+
+def test_static_and_video_shards_are_not_mixed_up(tmp_path, paths):
+    static = _static_paths(tmp_path)
+    with pytest.raises(ConfigError, match=r"static-image shards \(static/\): set data.kind=static"):
+        load_config(CONFIGS / "s3_mega.yaml", static)
+    with pytest.raises(ConfigError, match=r"static is missing \(data.kind is static\)"):
+        load_config(CONFIGS / "s3_pretrain_static.yaml", paths)
+    with pytest.raises(ConfigError, match="data.num_objects"):
+        load_config(CONFIGS / "s3_pretrain_static.yaml", static + ["data.num_objects=3"])
+    with pytest.raises(ConfigError, match="data.kind"):
+        load_config(CONFIGS / "s3_mega.yaml", paths + ["data.kind=images"])
+
+
+def test_a_checkpoint_written_before_data_kind_existed_resumes_without_a_change(paths):
+    from training import lifecycle
+    from training.config import OPERATIONAL_KEYS
+
+    cfg = load_config(CONFIGS / "s3_mega.yaml", paths)
+    old = cfg.to_dict()
+    del old["data"]["kind"]  # what a checkpoint of the earlier code holds
+    assert lifecycle.config_diff(old, cfg.to_dict(), ignore=OPERATIONAL_KEYS) == [("data.kind", "<absent>", "video")]
+    assert lifecycle.config_diff(lifecycle.with_later_keys(old), cfg.to_dict(), ignore=OPERATIONAL_KEYS) == []
+    static = load_config(CONFIGS / "s3_mega.yaml", paths)
+    static.data.kind = "static"
+    assert static.hash() != cfg.hash()  # the key is hashed once it says something new

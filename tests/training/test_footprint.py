@@ -30,9 +30,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.timeout(600)
-def test_long_schedule_keeps_a_bounded_footprint(tmp_path):
-    data = tmp_path / "data"
-    demo.make_data(data, small=True, env=_env())
+def test_long_schedule_keeps_a_bounded_footprint(tmp_path, demo_data):
+    data = demo_data
     out = tmp_path / "out"
     uri = f"sqlite:///{out / 'mlflow.db'}"
     args = [f"output_dir={out}", f"data.shards={data / 'shards'}", f"validation.root={data / 'data' / 'DAVIS'}",

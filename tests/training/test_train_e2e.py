@@ -39,11 +39,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Small synthetic datasets in their native layouts, sharded by the real Ray job (local Ray)."""
-    root = tmp_path_factory.mktemp("e2e-data")
-    demo.make_data(root, small=True, env=_env())
-    return root
+def data(demo_data):
+    """Small synthetic datasets in their native layouts, sharded by the real Ray job (local Ray; once per session)."""
+    return demo_data
 
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:

@@ -590,12 +590,7 @@ def format_static_plan(plan: dict) -> str:
                      ", each sample a 3-frame pseudo-video drawn afresh")
     else:
         lines += [line, "reuse over training: give --train-config to see it"]
-    if "estimated_bytes" in plan:
-        bpc = ", ".join(f"{d} {_human(b)}" for d, b in plan["bytes_per_clip"].items())
-        lines.append(f"estimated disk: {_human(plan['estimated_bytes'])} ({bpc} per sample)")
-    for d, why in sorted(plan["missing"].items()):
-        lines.append(f"MISSING: set {d} yields no usable image: {why}")
-    return "\n".join(lines)
+    return "\n".join(lines + _plan_tail(plan, "sample", "set", "image"))
 
 
 def format_plan(plan: dict) -> str:
@@ -624,12 +619,18 @@ def format_plan(plan: dict) -> str:
                      f"max_skip {t['max_skip']} until {t['max_skip_until']}")
     else:
         lines.append("reuse over training: give --train-config to see it")
+    return "\n".join(lines + _plan_tail(plan, "clip", "dataset", "video"))
+
+
+def _plan_tail(plan: dict, sample: str, group: str, unit: str) -> list[str]:
+    """The plan report's last lines: the estimated disk size and the datasets (or sets) left without samples."""
+    lines = []
     if "estimated_bytes" in plan:
         bpc = ", ".join(f"{d} {_human(b)}" for d, b in plan["bytes_per_clip"].items())
-        lines.append(f"estimated disk: {_human(plan['estimated_bytes'])} ({bpc} per clip)")
+        lines.append(f"estimated disk: {_human(plan['estimated_bytes'])} ({bpc} per {sample})")
     for d, why in sorted(plan["missing"].items()):
-        lines.append(f"MISSING: dataset {d} yields no usable video: {why}")
-    return "\n".join(lines)
+        lines.append(f"MISSING: {group} {d} yields no usable {unit}: {why}")
+    return lines
 
 
 LOOPBACK = "127.0.0.1"

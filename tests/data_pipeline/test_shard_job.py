@@ -211,9 +211,9 @@ def test_plan_report_equals_what_the_job_writes(data, ref):
     assert plan["clips"] == manifest["num_clips"]
     on_disk = sum(p.stat().st_size for p in ref.rglob("*.tar"))
     assert abs(plan["estimated_bytes"] - on_disk) < 0.05 * on_disk, (plan["estimated_bytes"], on_disk)
-    # demo_cpu.yaml: 300 iterations x global batch 4; skip05 in force for 10% + 20% of them, skip15 for 50%
-    assert plan["levels"]["skip05"]["training_draws"] == 360 and plan["levels"]["skip15"]["training_draws"] == 600
-    assert plan["levels"]["skip15"]["reuse"] == pytest.approx(600 / manifest["clips_per_level"]["skip15"])
+    # demo_cpu.yaml: 200 iterations x global batch 4; skip05 in force for 10% + 20% of them, skip15 for 50%
+    assert plan["levels"]["skip05"]["training_draws"] == 240 and plan["levels"]["skip15"]["training_draws"] == 400
+    assert plan["levels"]["skip15"]["reuse"] == pytest.approx(400 / manifest["clips_per_level"]["skip15"])
     assert plan["config_hash"] == manifest["config_hash"]
 
 

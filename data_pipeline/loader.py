@@ -67,6 +67,7 @@ from PIL import Image
 from data_pipeline import augment as A
 from data_pipeline import pseudo_video as PV
 from data_pipeline.readers.base import ids_present
+from data_pipeline.sampling import KINDS, STATIC_LEVEL
 from data_pipeline.shard import stats_path  # the name the shard job gives a tar's stats (sha256) file
 
 try:
@@ -79,8 +80,6 @@ log = logging.getLogger("data_pipeline.loader")
 KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset tariterators.base_plus_ext
 FIELD_RE = re.compile(r"^(?:(\d+)\.(jpg|png)|json)$")
 LEVELS_DIR = "skip{:02d}"
-STATIC_DIR = "static"  # the one level of a static-image (stage-0) shard job (data_pipeline.sampling.STATIC_LEVEL)
-KINDS = ("video", "static")
 PARTNER_TRIES = 8  # paste-partner candidates tried before a clip goes unmerged
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -475,7 +474,7 @@ class LoaderConfig:
 
     def level_dir(self, level: int) -> str:
         """The shard folder of curriculum level `level` (index into max_skip)."""
-        return STATIC_DIR if self.static else level_name(self.max_skip[level])
+        return STATIC_LEVEL if self.static else level_name(self.max_skip[level])
 
 
 def _lanes(cfg: LoaderConfig) -> int:
@@ -764,7 +763,7 @@ class _Lane:
         frame = (meta.get("frames") or [None])[0]
         return {"objects": objects, "jitter": jitter, "grey": grey,
                 "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
-                         "frames": [frame] * t, "object_ids": objects, "level": STATIC_DIR, "reversed": False,
+                         "frames": [frame] * t, "object_ids": objects, "level": STATIC_LEVEL, "reversed": False,
                          "merged_ids": {}, "merged_from": None, "merged_shard": None,
                          "shard": f"{path.parent.name}/{path.name}"}}
 
@@ -1066,8 +1065,6 @@ def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | N
     paste_pool_shards. `kind="static"` (stage 0): the shards of a static job (ROOT/static/), each sample a
     `num_frames`-frame pseudo-video; its knobs are the fields of `pseudo_video.PseudoVideoParams` and max_skip /
     max_skip_until are not used."""
-    if kind not in KINDS:
-        raise ValueError(f"data.kind must be one of {list(KINDS)}, got {kind!r}")
     aug_keys = _STATIC_KEYS if kind == "static" else _AUG_KEYS
     unknown = set(knobs) - aug_keys - _CFG_KEYS
     if unknown:

@@ -30,6 +30,7 @@ MULTIPLIER = {"davis": 2.0, "youtubevos": 1.0, "mose": 1.0, "burst": 1.0, "ovis"
 LEVELS = {"skip05": 5, "skip10": 10, "skip15": 15}
 NUM_FRAMES = 8
 STATIC_LEVEL = "static"  # the one shard level of a static-image (stage-0) job
+KINDS = ("video", "static")  # what a shard job writes and a training loader reads: clips, or static images
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .readers import READERS, STATIC_DATASETS, STATIC_MULTIPLIER, BadInput, Video, build_reader
 from .readers.base import ids_present
 from .sampling import (
+    KINDS,
     NUM_FRAMES,
     STATIC_LEVEL,
     ClipPlan,
@@ -61,7 +62,6 @@ OPTIONAL = {"reader_options", "kind", "multipliers"}
 REQUIRED = {"data_root", "out", "datasets", "levels", "clips_per_level", "clips_per_shard", "short_side",
             "jpeg_quality", "seed", "num_cpus"}
 VIDEO_ONLY = {"levels", "clips_per_level"}  # a static job has one level and stores every image (x multiplier)
-KINDS = ("video", "static")
 
 
 def is_static(cfg: dict) -> bool:

@@ -21,7 +21,6 @@ a logged model downloaded with `training.logged_model --download` (its MLmodel f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -34,14 +33,6 @@ STAGE0 = "s3vos.stage0"
 PREFIX = "s3vos.init_from"
 STATIC, MAIN = "static-pretraining", "main-training"
 _ITER = re.compile(r"iter_(\d+)")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -102,9 +93,11 @@ def _from_logged_model(weights: Path) -> dict[str, Any]:
 def source_of(init_from: str | Path) -> dict[str, Any]:
     """What is known of a `model.init_from` file: path, sha256, and where one of our runs wrote it, its run id,
     iteration, data kind and logged model."""
+    from data_pipeline.loader import file_sha256
+
     path = Path(init_from).resolve()
     found = _from_run_output(path) or _from_logged_model(path)
-    return {"path": str(path), "sha256": _sha256(path), **{k: v for k, v in found.items() if v is not None}}
+    return {"path": str(path), "sha256": file_sha256(path), **{k: v for k, v in found.items() if v is not None}}
 
 
 def source_kind(source: dict[str, Any], tracking=None) -> str | None:

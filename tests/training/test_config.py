@@ -186,3 +186,6 @@ def test_a_checkpoint_written_before_data_kind_existed_resumes_without_a_change(
     static = load_config(CONFIGS / "s3_mega.yaml", paths)
     static.data.kind = "static"
     assert static.hash() != cfg.hash()  # the key is hashed once it says something new
+    # the hashes the code before data.kind gave these configs (computed at f77e8e1): their checkpoints match
+    for name, before in (("s3_mega", "4e8635fa12a138c5"), ("s3_ytvos_davis", "4febdddfd1b6cad2")):
+        assert load_config(CONFIGS / f"{name}.yaml", check_paths=False).hash() == before, name

@@ -84,10 +84,21 @@ class TokenStore:
             self.perm += n
 
     def keep(self, index: torch.Tensor) -> None:
-        """Keep the non-permanent tokens at `index` (1-D, into the non-permanent part), the permanent ones all."""
-        idx = torch.cat([torch.arange(self.perm, device=index.device), index + self.perm])
+        """Keep the non-permanent tokens at `index` (into the non-permanent part), the permanent ones all, in that
+        order. `index` is 1-D (the same tokens for every batch row) or (B, n) (each row its own tokens, as Cutie
+        prunes the long-term memory of a flipped batch row by that row's usage)."""
+        perm = torch.arange(self.perm, device=index.device)
+        if index.dim() == 1:
+            idx = torch.cat([perm, index + self.perm])
+            for name in ("key", "shrinkage", "selection", "value", "usage", "life"):
+                setattr(self, name, getattr(self, name).index_select(-1, idx))
+            return
+        b = index.shape[0]
+        idx = torch.cat([perm.expand(b, -1), index + self.perm], 1)  # B, L'
         for name in ("key", "shrinkage", "selection", "value", "usage", "life"):
-            setattr(self, name, getattr(self, name).index_select(-1, idx))
+            t = getattr(self, name)
+            rows = idx.view(b, *([1] * (t.dim() - 2)), idx.shape[1]).expand(*t.shape[:-1], idx.shape[1])
+            setattr(self, name, torch.gather(t, -1, rows))
 
     def update_usage(self, usage: torch.Tensor) -> None:
         self.usage += usage
@@ -208,7 +219,6 @@ class MemoryManager:
         work.keep(torch.arange(n_cand, work.non_perm, device=c_key.device))
         if len(long) and long.non_perm >= self.max_num_tokens - self.num_prototypes:
             target = self.max_num_tokens - self.num_prototypes - self.buffer_tokens
-            usage = long.normalized_usage()[..., long.perm:].mean(0)  # the same tokens are kept for every batch row
-            keep = torch.topk(usage, k=target).indices.sort().values
-            long.keep(keep)
+            # each batch row keeps its own most used tokens, most used first (Cutie's remove_obsolete_features)
+            long.keep(torch.topk(long.normalized_usage()[..., long.perm:], k=target, dim=-1).indices)
         long.add(p_key, p_shr, p_sel, p_val)

@@ -421,3 +421,72 @@ def youtubevos_reference(yt_root, network, cfg, **kw) -> dict[str, dict[str, np.
     kw.setdefault("use_all_masks", True)
     return cutie_reference(root / "all_frames" / "valid_all_frames" / "JPEGImages", root / "valid" / "Annotations",
                            network, cfg, req_frames_json=root / "valid" / "meta.json", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- long-term memory
+@contextlib.contextmanager
+def record_long_term_decisions() -> Iterator[dict[str, list[tuple[str, torch.Tensor]]]]:
+    """Record the two discrete choices of long-term memory, in Cutie's MemoryManager and in ours: the normalized
+    usage each consolidation ranks its candidates by (the most used become prototypes) and the usage each pruning of
+    the long-term memory ranks it by (the most used survive). Yields {"cutie": [...], "ours": [...]}, each a list of
+    ("prune" | "consolidate", usage (B, L) float64) in Cutie's order (a pruning comes before the consolidation that
+    triggered it)."""
+    from cutie.inference import kv_memory_store, memory_manager
+
+    from model.inference import memory as ours
+
+    rec: dict[str, list[tuple[str, torch.Tensor]]] = {"cutie": [], "ours": []}
+    c_cons, c_prune = memory_manager.MemoryManager.consolidation, kv_memory_store.KeyValueMemoryStore.remove_obsolete_features
+    o_cons = ours.MemoryManager._consolidate
+
+    def cutie_consolidation(self, key, shrinkage, selection, value, usage):
+        rec["cutie"].append(("consolidate", usage.detach().double().clone()))
+        return c_cons(self, key, shrinkage, selection, value, usage)
+
+    def cutie_prune(self, bucket_id, max_size):
+        rec["cutie"].append(("prune", self.get_usage(bucket_id).detach().double().clone()))
+        return c_prune(self, bucket_id, max_size)
+
+    def our_consolidate(self, bucket, hw):
+        work, long = bucket.work, bucket.long
+        n_cand = work.non_perm - self.min_frames * hw
+        cand = work.normalized_usage()[..., work.perm:work.perm + n_cand].double().clone()
+        before = long.normalized_usage()[..., long.perm:].double().clone() if len(long) else None
+        n_before = len(long)
+        o_cons(self, bucket, hw)
+        if n_cand > 0:
+            if before is not None and len(long) < n_before + min(self.num_prototypes, n_cand):
+                rec["ours"].append(("prune", before))
+            rec["ours"].append(("consolidate", cand))
+
+    memory_manager.MemoryManager.consolidation = cutie_consolidation
+    kv_memory_store.KeyValueMemoryStore.remove_obsolete_features = cutie_prune
+    ours.MemoryManager._consolidate = our_consolidate
+    try:
+        yield rec
+    finally:
+        memory_manager.MemoryManager.consolidation = c_cons
+        kv_memory_store.KeyValueMemoryStore.remove_obsolete_features = c_prune
+        ours.MemoryManager._consolidate = o_cons
+
+
+def compare_long_term_decisions(ours: list, cutie: list, *, num_prototypes: int, keep_after_prune: int) -> None:
+    """Assert that both made the same choices: the same number of consolidations and prunings in the same order,
+    and per batch row the same set of prototypes / survivors. A failure says where, the usage gap at the rank
+    boundary (how near a tie the choice was) and how far apart the two usages are (float noise or a real
+    difference)."""
+    assert [kind for kind, _ in ours] == [kind for kind, _ in cutie], "consolidations/prunings differ in order"
+    for i, ((kind, a), (_, b)) in enumerate(zip(ours, cutie, strict=True)):
+        assert a.shape == b.shape, (i, kind, a.shape, b.shape)
+        k = min(num_prototypes if kind == "consolidate" else keep_after_prune, a.shape[-1])
+        for row in range(a.shape[0]):
+            got = set(torch.topk(a[row], k).indices.tolist())
+            want = set(torch.topk(b[row], k).indices.tolist())
+            if got != want:
+                srt = torch.sort(b[row], descending=True).values
+                gap = float((srt[k - 1] - srt[k]) / srt[k - 1].abs().clamp(min=1e-12)) if k < len(srt) else 0.0
+                diff = float((a[row] - b[row]).abs().max())
+                raise AssertionError(
+                    f"{kind} #{i} (batch row {row}): {len(got ^ want) // 2} of {k} chosen tokens differ from Cutie's; "
+                    f"Cutie's usage gap at rank {k}: {gap:.2e} (relative), largest usage difference ours vs Cutie: "
+                    f"{diff:.2e}")

@@ -3,8 +3,8 @@ by `model.convert`, run by `training.evaluate` gives the masks Cutie's VOSTestDa
 on DAVIS-layout fixtures (a sequence smaller than 480p with sides that are not multiples of 16, one at 540x960 that
 Cutie resizes to 480x853) and a YouTube-VOS-layout fixture where an object is given mid-video (valid_all_frames
 with frames between the annotated ones). Pixel agreement >= 99.9 % on every frame, flip off and on, long-term memory
-on (consolidating), and the masks are asserted to be non-trivial (the decoder is refitted so that they follow the
-objects; tests/eval/cutie_reference.py)."""
+on (consolidating and pruning, flip off and on: the same tokens chosen as Cutie's at each), and the masks are
+asserted to be non-trivial (the decoder is refitted so that they follow the objects; tests/eval/cutie_reference.py)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from training import evaluate
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MIN_AGREEMENT = 0.999
-# small long-term numbers so that consolidation and pruning happen within a few frames (mem_every 1)
-LONG_TERM = {"max_mem_frames": 3, "min_mem_frames": 2, "num_prototypes": 16, "max_num_tokens": 1200,
-             "buffer_tokens": 200}
+# small long-term numbers so that consolidation and pruning happen within a few frames (mem_every 1): each
+# consolidation adds 16 prototypes; the long-term memory is pruned to 40 - 16 - 8 = 16 tokens once it holds 24
+LONG_TERM = {"max_mem_frames": 3, "min_mem_frames": 2, "num_prototypes": 16, "max_num_tokens": 40,
+             "buffer_tokens": 8}
 OURS_LONG_TERM = {"use_long_term": True, "mem_every": 1, "long_max_mem_frames": 3, "long_min_mem_frames": 2,
-                  "num_prototypes": 16, "max_num_tokens": 1200, "buffer_tokens": 200}
+                  "num_prototypes": 16, "max_num_tokens": 40, "buffer_tokens": 8}
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +96,23 @@ def test_davis_with_flip_from_the_official_file_directly(setup, tmp_path):
     assert any((plain[s][f] != theirs[s][f]).any() for s in plain for f in plain[s])  # flip changes the output
 
 
-def test_davis_with_long_term_memory(setup, tmp_path):
-    theirs = ref.davis_reference(setup["davis"], setup["net"], setup["cfg"], use_long_term=True, mem_every=1,
-                                 long_term=LONG_TERM)
+@pytest.mark.parametrize("flip", [False, True])
+def test_davis_with_long_term_memory(setup, tmp_path, flip):
+    """Long-term memory (consolidation into prototypes, pruning by usage), with and without flip: the same tokens
+    chosen as Cutie at every consolidation and pruning, per batch row, then the same masks."""
     network = evaluate.load_network(setup["converted"])
     out = tmp_path / "out"
-    evaluate.evaluate_network(network, setup["davis"], out_dir=out, preset="cutie", overrides=OURS_LONG_TERM,
-                              progress=False)
+    with ref.record_long_term_decisions() as rec:
+        theirs = ref.davis_reference(setup["davis"], setup["net"], setup["cfg"], use_long_term=True, mem_every=1,
+                                     long_term=LONG_TERM, flip=flip)
+        evaluate.evaluate_network(network, setup["davis"], out_dir=out, preset="cutie",
+                                  overrides={**OURS_LONG_TERM, "flip": flip}, progress=False)
+    kinds = [kind for kind, _ in rec["cutie"]]
+    assert kinds.count("consolidate") >= 6 and kinds.count("prune") >= 3, kinds  # both sequences prune
+    assert all(u.shape[0] == (2 if flip else 1) for _, u in rec["cutie"])
+    ref.compare_long_term_decisions(rec["ours"], rec["cutie"], num_prototypes=LONG_TERM["num_prototypes"],
+                                    keep_after_prune=LONG_TERM["max_num_tokens"] - LONG_TERM["num_prototypes"]
+                                    - LONG_TERM["buffer_tokens"])
     _compare(_read_ours(out), theirs)
 
 

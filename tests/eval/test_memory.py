@@ -65,6 +65,26 @@ def test_long_term_consolidation_bounds_memory():
     assert len(mm.buckets[0].long) > 0
 
 
+def test_pruning_keeps_each_batch_rows_own_most_used_tokens():
+    """With flip (B = 2) the rows' long-term memories hold different prototypes, so each row is pruned by its own
+    usage, most used first (Cutie's remove_obsolete_features); the permanent part stays in front."""
+    from model.inference.memory import TokenStore
+
+    store = TokenStore()
+    key = torch.arange(2 * 3 * 6, dtype=torch.float32).view(2, 3, 6)
+    store.add(key[..., :1], key[:, :1, :1], key[..., :1], key[:, None, :, :1], permanent=True)
+    store.add(key[..., 1:], key[:, :1, 1:], key[..., 1:], key[:, None, :, 1:])
+    store.usage = torch.tensor([[9.0, 5, 1, 4, 2, 3], [9.0, 1, 5, 2, 4, 3]])
+    store.keep(torch.topk(store.normalized_usage()[..., store.perm:], k=2, dim=-1).indices)
+    assert len(store) == 3 and store.perm == 1
+    torch.testing.assert_close(store.key[0, 0], torch.tensor([0.0, 1, 3]))  # row 0: tokens 1 (5), 3 (4)
+    torch.testing.assert_close(store.key[1, 0], torch.tensor([18.0, 20, 22]))  # row 1: tokens 2 (5), 4 (4)
+    torch.testing.assert_close(store.value[1, 0, 2], torch.tensor([30.0, 32, 34]))
+    torch.testing.assert_close(store.usage, torch.tensor([[9.0, 5, 4], [9.0, 5, 4]]))
+    store.keep(torch.tensor([1]))  # 1-D: the same token for every row
+    torch.testing.assert_close(store.key[:, 0], torch.tensor([[0.0, 3], [18.0, 22]]))
+
+
 def test_late_objects_get_their_own_bucket_and_readout():
     mm = MemoryManager(top_k=30, max_mem_frames=5)
     k, s, e, v = _frame(seed=0)

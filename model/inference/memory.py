@@ -218,7 +218,11 @@ class MemoryManager:
         p_shr = c_shr @ aff
         work.keep(torch.arange(n_cand, work.non_perm, device=c_key.device))
         if len(long) and long.non_perm >= self.max_num_tokens - self.num_prototypes:
-            target = self.max_num_tokens - self.num_prototypes - self.buffer_tokens
-            # each batch row keeps its own most used tokens, most used first (Cutie's remove_obsolete_features)
-            long.keep(torch.topk(long.normalized_usage()[..., long.perm:], k=target, dim=-1).indices)
+            self._prune(long)
         long.add(p_key, p_shr, p_sel, p_val)
+
+    def _prune(self, long: TokenStore) -> None:
+        """Make room in a full long-term memory: each batch row keeps its own most used tokens, most used first
+        (Cutie's remove_obsolete_features; with flip the rows hold different prototypes)."""
+        target = self.max_num_tokens - self.num_prototypes - self.buffer_tokens
+        long.keep(torch.topk(long.normalized_usage()[..., long.perm:], k=target, dim=-1).indices)

@@ -436,8 +436,9 @@ def record_long_term_decisions() -> Iterator[dict[str, list[tuple[str, torch.Ten
     from model.inference import memory as ours
 
     rec: dict[str, list[tuple[str, torch.Tensor]]] = {"cutie": [], "ours": []}
-    c_cons, c_prune = memory_manager.MemoryManager.consolidation, kv_memory_store.KeyValueMemoryStore.remove_obsolete_features
-    o_cons = ours.MemoryManager._consolidate
+    c_cons = memory_manager.MemoryManager.consolidation
+    c_prune = kv_memory_store.KeyValueMemoryStore.remove_obsolete_features
+    o_cons, o_prune = ours.MemoryManager._consolidate, ours.MemoryManager._prune
 
     def cutie_consolidation(self, key, shrinkage, selection, value, usage):
         rec["cutie"].append(("consolidate", usage.detach().double().clone()))
@@ -448,26 +449,26 @@ def record_long_term_decisions() -> Iterator[dict[str, list[tuple[str, torch.Ten
         return c_prune(self, bucket_id, max_size)
 
     def our_consolidate(self, bucket, hw):
-        work, long = bucket.work, bucket.long
+        work = bucket.work
         n_cand = work.non_perm - self.min_frames * hw
         cand = work.normalized_usage()[..., work.perm:work.perm + n_cand].double().clone()
-        before = long.normalized_usage()[..., long.perm:].double().clone() if len(long) else None
-        n_before = len(long)
-        o_cons(self, bucket, hw)
+        o_cons(self, bucket, hw)  # a pruning it makes is recorded first, as Cutie prunes before consolidating
         if n_cand > 0:
-            if before is not None and len(long) < n_before + min(self.num_prototypes, n_cand):
-                rec["ours"].append(("prune", before))
             rec["ours"].append(("consolidate", cand))
+
+    def our_prune(self, long):
+        rec["ours"].append(("prune", long.normalized_usage()[..., long.perm:].double().clone()))
+        return o_prune(self, long)
 
     memory_manager.MemoryManager.consolidation = cutie_consolidation
     kv_memory_store.KeyValueMemoryStore.remove_obsolete_features = cutie_prune
-    ours.MemoryManager._consolidate = our_consolidate
+    ours.MemoryManager._consolidate, ours.MemoryManager._prune = our_consolidate, our_prune
     try:
         yield rec
     finally:
         memory_manager.MemoryManager.consolidation = c_cons
         kv_memory_store.KeyValueMemoryStore.remove_obsolete_features = c_prune
-        ours.MemoryManager._consolidate = o_cons
+        ours.MemoryManager._consolidate, ours.MemoryManager._prune = o_cons, o_prune
 
 
 def compare_long_term_decisions(ours: list, cutie: list, *, num_prototypes: int, keep_after_prune: int) -> None:

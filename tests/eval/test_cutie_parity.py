@@ -24,8 +24,9 @@ MIN_AGREEMENT = 0.999
 # consolidation adds 16 prototypes; the long-term memory is pruned to 40 - 16 - 8 = 16 tokens once it holds 24
 LONG_TERM = {"max_mem_frames": 3, "min_mem_frames": 2, "num_prototypes": 16, "max_num_tokens": 40,
              "buffer_tokens": 8}
-OURS_LONG_TERM = {"use_long_term": True, "mem_every": 1, "long_max_mem_frames": 3, "long_min_mem_frames": 2,
-                  "num_prototypes": 16, "max_num_tokens": 40, "buffer_tokens": 8}
+OURS_LONG_TERM = {"use_long_term": True, "mem_every": 1, "long_max_mem_frames": LONG_TERM["max_mem_frames"],
+                  "long_min_mem_frames": LONG_TERM["min_mem_frames"],
+                  **{k: LONG_TERM[k] for k in ("num_prototypes", "max_num_tokens", "buffer_tokens")}}
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,9 @@ def test_pruning_keeps_each_batch_rows_own_most_used_tokens():
     store.add(key[..., :1], key[:, :1, :1], key[..., :1], key[:, None, :, :1], permanent=True)
     store.add(key[..., 1:], key[:, :1, 1:], key[..., 1:], key[:, None, :, 1:])
     store.usage = torch.tensor([[9.0, 5, 1, 4, 2, 3], [9.0, 1, 5, 2, 4, 3]])
-    store.keep(torch.topk(store.normalized_usage()[..., store.perm:], k=2, dim=-1).indices)
+    mm = MemoryManager(top_k=5, max_mem_frames=5, use_long_term=True, num_prototypes=1, max_num_tokens=4,
+                       buffer_tokens=1)
+    mm._prune(store)  # keeps 4 - 1 - 1 = 2 tokens per row
     assert len(store) == 3 and store.perm == 1
     torch.testing.assert_close(store.key[0, 0], torch.tensor([0.0, 1, 3]))  # row 0: tokens 1 (5), 3 (4)
     torch.testing.assert_close(store.key[1, 0], torch.tensor([18.0, 20, 22]))  # row 1: tokens 2 (5), 4 (4)

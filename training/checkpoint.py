@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import traceback
@@ -191,6 +192,42 @@ def safe_torch_load(path: str | os.PathLike, map_location=None, **kwargs: Any) -
         return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
 
 
+@contextlib.contextmanager
+def refuse_pickled_code():
+    """Within the block, every `torch.load` (whoever calls it, whatever `weights_only` it asks for) loads with
+    weights_only=True and DeepSpeed's few data classes allowed (`safe_torch_load`): a file holding pickled code
+    raises `pickle.UnpicklingError` and runs nothing.
+
+    DeepSpeed reads checkpoints with torch.load(weights_only=False) in dozens of places: its checkpoint engine,
+    and, for universal checkpoints, `universal_checkpoint.load_hp_checkpoint_state` (each parameter's fp32,
+    exp_avg, exp_avg_sq and step files) and the `ds_to_universal` converter; swapping `torch.load` itself covers
+    them all. Every file of the plain and universal formats loads under the allow-list (tests/fault). Not
+    thread-safe against a concurrent caller that needs an unrestricted torch.load: nothing in this project does.
+    """
+    real = torch.load
+    if getattr(real, "_s3vos_guard", False):  # nested: the outer block already guards
+        yield
+        return
+
+    def guarded(f, map_location=None, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("weights_only", None)
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return real(f, map_location, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            if isinstance(f, (str, os.PathLike)):  # name the file: DeepSpeed reads hundreds of them
+                raise pickle.UnpicklingError(f"{f}: refused: it holds pickled objects other than tensors and "
+                                             f"DeepSpeed's data classes ({one_line(str(e))[:300]})") from None
+            raise
+
+    guarded._s3vos_guard = True  # type: ignore[attr-defined]
+    torch.load = guarded
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
 class _TorchWithSafeLoad:
     """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32, whose loads say weights_only=False."""
 
@@ -207,12 +244,14 @@ def _no_bar(iterable, *args: Any, **kwargs: Any):
 def load(engine, ref: CheckpointRef) -> dict[str, Any]:
     """Collective load of `ref` into `engine`; returns the client state saved with it.
 
-    DeepSpeed's own checkpoint engine calls torch.load(weights_only=False); ours swaps in a weights_only=True
-    load so a tampered checkpoint cannot run code (issue 9, untrusted files).
+    DeepSpeed calls torch.load(weights_only=False) on every file of a checkpoint, plain or universal; every load
+    here runs under `refuse_pickled_code`, so a tampered checkpoint raises UnpicklingError and runs nothing
+    (issues 9 and 18, untrusted files).
     """
     engine.checkpoint_engine.load = safe_torch_load
-    load_path, client_state = engine.load_checkpoint(str(ref.dir), tag=ref.tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+    with refuse_pickled_code():
+        load_path, client_state = engine.load_checkpoint(str(ref.dir), tag=ref.tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ref.path}")
     if engine.load_universal_checkpoint():

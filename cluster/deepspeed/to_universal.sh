@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Convert the newest complete ZeRO checkpoint of a run to DeepSpeed's universal format, so that a job with a
 # different number of GPUs can resume it (with checkpoint.load_universal=true; see cluster/README.md).
+# DeepSpeed's converter runs through training.to_universal: a file holding pickled code is refused, never run.
 #
 #   cluster/deepspeed/to_universal.sh SRC_CKPT_DIR DST_CKPT_DIR [TAG]
 #   cluster/deepspeed/to_universal.sh /shared/runs/s3_mega/checkpoints /shared/runs/s3_mega_universal/checkpoints
@@ -31,7 +32,7 @@ mkdir -p "$dst"
 tmp="$dst/.$tag.partial"
 rm -rf "$tmp"
 echo "converting $src/$tag -> $dst/$tag (universal)" >&2
-${PYTHON:-python} -m deepspeed.checkpoint.ds_to_universal --input_folder "$src/$tag" --output_folder "$tmp" \
+${PYTHON:-python} -m training.to_universal --input_folder "$src/$tag" --output_folder "$tmp" \
     --num_extract_workers "${WORKERS:-4}" --num_merge_workers "${WORKERS:-4}" --inject_missing_state
 mv "$tmp" "$dst/$tag"
 ${PYTHON:-python} - "$src/$tag/COMPLETE" "$dst/$tag/COMPLETE" <<'PY'

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
+import os
 import pickle
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, child_env, free_port
+from .helpers import PY, ROOT, child_env, free_port
 
 pytestmark = [pytest.mark.fault]
 PRODUCT = ("model", "training", "data_pipeline", "benchmarks", "cluster")
@@ -90,14 +93,83 @@ def test_safe_load_refuses_a_pickled_payload(tmp_path):
     assert not marker.exists()
 
 
-def test_deepspeed_loads_are_routed_through_the_safe_loader():
-    """DeepSpeed's checkpoint engine calls torch.load(weights_only=False): training.checkpoint.load must swap it."""
-    from training import checkpoint
+class _ShellPayload:
+    """Unpickling it runs a shell command (what an attacker's checkpoint would do)."""
 
-    src = inspect.getsource(checkpoint.load)
-    assert "engine.checkpoint_engine.load = safe_torch_load" in src
-    src = inspect.getsource(checkpoint.consolidate)
-    assert "_TorchWithSafeLoad()" in src
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _booby_trap(file: Path, marker: Path) -> None:
+    """Rewrite `file` as a pickle that, loaded with weights_only=False, touches `marker`."""
+    torch.save({"state": torch.zeros(2), "payload": _ShellPayload(f"touch {marker}")}, file)
+
+
+def _loads(*triples: str) -> list[dict]:
+    proc = subprocess.run([PY, str(Path(__file__).with_name("checkpoint_load_worker.py")), "load", *triples],
+                          cwd=ROOT, env=child_env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
+                          timeout=300)
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert proc.returncode == 0 and len(lines) == len(triples) // 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return lines
+
+
+@pytest.mark.timeout(600)
+def test_booby_trapped_checkpoints_raise_and_run_nothing(tmp_path):
+    """A checkpoint whose files would run a shell command when unpickled, fed to training.checkpoint.load in a real
+    DeepSpeed engine, plain (ZeRO-1) and universal (cluster/deepspeed/to_universal.sh, load_universal=true), and to
+    the converter itself: each load raises UnpicklingError naming the file, and no command runs. The untouched
+    checkpoints load under the same guard, Adam's moments included (the guard refuses code, not checkpoints)."""
+    plain = tmp_path / "plain"
+    proc = subprocess.run([PY, str(Path(__file__).with_name("checkpoint_load_worker.py")), "save", str(plain)],
+                          cwd=ROOT, env=child_env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(proc.stdout.splitlines()[-1])
+    universal = tmp_path / "universal"
+    to_universal = ["bash", str(ROOT / "cluster" / "deepspeed" / "to_universal.sh")]
+    proc = subprocess.run([*to_universal, str(plain), str(universal)], cwd=ROOT,
+                          env=child_env(PYTHON=PY, WORKERS="2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tag = "iter_0000002"
+    traps = {  # name: (the checkpoint to copy, the file in it to booby-trap, universal)
+        "plain_optimizer": (plain, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "0"),
+        "plain_model": (plain, "mp_rank_00_model_states.pt", "0"),
+        "universal_optimizer_state": (universal, "zero/optimizer_state.pt", "1"),
+        "universal_exp_avg": (universal, "zero/a.weight/exp_avg.pt", "1"),
+        "universal_fp32": (universal, "zero/b.bias/fp32.pt", "1"),
+    }
+    triples, markers = [str(plain), tag, "0", str(universal), tag, "1"], {}
+    for name, (src, rel, uni) in traps.items():
+        root = tmp_path / name
+        shutil.copytree(src / tag, root / tag)
+        markers[name] = tmp_path / f"pwned_{name}"
+        _booby_trap(root / tag / rel, markers[name])
+        triples += [str(root), tag, uni]
+    results = _loads(*triples)
+    clean_plain, clean_universal = results[:2]
+    assert clean_plain == {"loaded": 2, "moments": pytest.approx(saved["moments"], rel=1e-6)}, clean_plain
+    assert clean_universal == {"loaded": 2, "moments": pytest.approx(saved["moments"], rel=1e-6)}, clean_universal
+    assert saved["moments"] > 0
+    ran = [f"{name} ({rel})" for name, (_, rel, _) in traps.items() if markers[name].exists()]
+    assert not ran, f"loading these booby-trapped files ran the payload's command: {ran}"
+    for (name, (_, rel, _)), got in zip(traps.items(), results[2:], strict=True):
+        assert got.get("error") == "UnpicklingError", (name, got)
+        assert rel.split("/")[-1] in got["message"], (name, got["message"])
+
+    # the converter reads the checkpoint it is pointed at: same refusal, nothing written as a finished conversion
+    trapped = tmp_path / "to_convert"
+    shutil.copytree(plain / tag, trapped / tag)
+    marker = tmp_path / "pwned_converter"
+    _booby_trap(trapped / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    proc = subprocess.run([*to_universal, str(trapped), str(tmp_path / "converted")], cwd=ROOT,
+                          env=child_env(PYTHON=PY, WORKERS="2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and not marker.exists(), proc.stderr[-3000:]
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: refused" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "converted" / tag).exists()
 
 
 def test_local_ray_dashboard_defaults_to_localhost():

@@ -3,7 +3,9 @@ and a tracking server that goes away mid-run never stops training.
 
 When a call fails, metrics are kept in memory and appended to OUTPUT/mlflow_pending.jsonl; the next successful
 call replays them with their original steps and timestamps and logs the outage as `tracking/gap_seconds` and
-`tracking/replayed_metrics` (a retry is attempted at most every `RETRY_SECONDS`).
+`tracking/replayed_metrics` (a retry is attempted at most every `RETRY_SECONDS`). The file holds exactly what has
+not reached MLflow yet: `end()` tries once more and warns with the count and the file when some remain, and a job
+that resumes the run (same output folder) replays them first.
 
 Validated checkpoints become MLflow 3 LoggedModels off the training path: `log_checkpoint` stages hard links
 of the consolidated weights and their config in OUTPUT/uploads/<tag>-<ms>/ and returns; one background thread
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 30.0
 UPLOADS = "uploads"  # OUTPUT/uploads/<tag>-<ms>/: the files of a logged model until its upload is done
 JOB_FILE = "job.json"
+PENDING = "mlflow_pending.jsonl"  # OUTPUT/mlflow_pending.jsonl: the metric records MLflow has not received yet
 LOGGED_MODELS = "logged_models.jsonl"  # OUTPUT/logged_models.jsonl: one line per finished (or failed) upload
 UPLOAD_BACKOFF_SECONDS = 10.0  # first retry delay of an upload; doubled each retry
 UPLOAD_BACKOFF_MAX_SECONDS = 300.0
@@ -131,6 +134,7 @@ class Tracker:
         if resume_run_id:
             run = mlflow.start_run(run_id=resume_run_id, **kwargs)
             log.info("continuing MLflow run %s", resume_run_id)
+            self._pending = self._read_pending()  # what the previous job could not send: replayed first
         else:
             run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or None, **kwargs)
             params = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in cfg.flat().items()}
@@ -197,7 +201,7 @@ class Tracker:
     def _keep(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._pending.append(record)
-            with open(self.out / "mlflow_pending.jsonl", "a") as f:
+            with open(self.out / PENDING, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _replay(self) -> bool:
@@ -213,8 +217,10 @@ class Tracker:
         last_step = records[-1]["step"]
         with self._lock:
             del self._pending[:len(records)]
-        if self._down_since is None:  # no outage on this thread: the scores of a checkpoint whose upload failed
-            log.info("logged %d val metric values of checkpoint(s) whose model upload failed", len(metrics))
+            self._write_pending()
+        if self._down_since is None:  # no outage on this thread: a failed model upload's scores, a previous job's
+            log.info("logged %d buffered metric values (kept while MLflow could not be reached: an earlier outage "
+                     "or a failed model upload)", len(metrics))
             return True
         gap = time.time() - self._down_since
         log.warning("MLflow is back after %.0f s; replayed %d buffered metric values", gap, len(metrics))
@@ -223,9 +229,43 @@ class Tracker:
                    {"tracking/gap_seconds": gap, "tracking/replayed_metrics": len(metrics)}, step=last_step)
         return True
 
+    def _write_pending(self) -> None:
+        """OUTPUT/mlflow_pending.jsonl holds exactly what has not reached MLflow yet (caller holds the lock)."""
+        path = self.out / PENDING
+        if not self._pending:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self._pending))
+        os.replace(tmp, path)
+
+    def _read_pending(self) -> list[dict[str, Any]]:
+        """The records a previous job of this run left in OUTPUT/mlflow_pending.jsonl (a line it was killed
+        while writing is skipped, with a warning naming it)."""
+        path = self.out / PENDING
+        if not path.is_file():
+            return []
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                r = json.loads(line)
+                records.append({"metrics": {k: float(v) for k, v in r["metrics"].items()}, "step": int(r["step"]),
+                                "timestamp": int(r["timestamp"])})
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                log.warning("%s:%d: unreadable buffered metric record skipped (%s)", path, n, e)
+        if records:
+            log.info("%d metric records the previous job could not send to MLflow (%s) are replayed first",
+                     len(records), path)
+        return records
+
     def flush(self) -> None:
         if self.enabled and self._pending:
             self._replay()
+        if self.enabled and self._pending:
+            values = sum(len(r["metrics"]) for r in self._pending)
+            log.warning("%d metric values (steps %d-%d) could not reach MLflow; they stay in %s and are replayed "
+                        "when a job resumes this run from %s", values, self._pending[0]["step"],
+                        self._pending[-1]["step"], self.out / PENDING, self.out)
 
     # ---------------------------------------------------------------------------------- checkpoints
 

@@ -44,14 +44,17 @@ def test_unreachable_server_fails_fast_with_one_line():
     assert elapsed < 20
 
 
-def _log_model(client, exp_id: str, run_id: str, iteration: int, jf: float) -> str:
-    """A READY LoggedModel with its val metrics, as the trainer's upload thread makes one (training.tracking)."""
+def _log_model(client, exp_id: str, run_id: str, iteration: int, jf: float, status: str = "READY") -> str:
+    """A LoggedModel with its val metrics, as the trainer's upload thread makes one (training.tracking): READY, or
+    FAILED (an upload that kept failing), or PENDING (never finalized: the job was killed mid-upload)."""
     model = client.create_logged_model(exp_id, name=f"ckpt-iter{iteration:07d}", source_run_id=run_id,
                                        tags={"iteration": str(iteration)})
     ts = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric("val/JF", jf, ts, iteration, model_id=model.model_id),
                                       Metric("val/J", jf - 0.01, ts, iteration, model_id=model.model_id)])
-    client.finalize_logged_model(model.model_id, "READY")
+    if status != "PENDING":
+        client.finalize_logged_model(model.model_id, status)
+    assert client.get_logged_model(model.model_id).status.name == status
     return model.model_id
 
 
@@ -76,9 +79,12 @@ def test_selecting_again_is_idempotent_and_a_better_model_moves_the_alias(db, tm
     _log_model(client, exp_id, run_id, 100, 0.41)
     best = _log_model(client, exp_id, run_id, 200, 0.73)
     _log_model(client, exp_id, run_id, 300, 0.58)
+    pending = _log_model(client, exp_id, run_id, 500, 0.99, status="PENDING")  # better scores, not READY
+    failed = _log_model(client, exp_id, run_id, 600, 0.95, status="FAILED")
 
     rc, out, _ = _select(capsys, db)
     assert rc == 0 and out.splitlines()[-1] == "models:/sel-champion@champion"
+    assert pending not in out and failed not in out, f"a logged model that is not READY was chosen: {out}"
     assert f"models:/{best}" in out and "iteration 200" in out
     assert len(client.search_model_versions("name='sel-champion'")) == 1
 
@@ -95,6 +101,7 @@ def test_selecting_again_is_idempotent_and_a_better_model_moves_the_alias(db, tm
     better = _log_model(client, exp_id, run_id, 400, 0.9)  # a better checkpoint arrives
     rc, out, _ = _select(capsys, db)
     assert rc == 0 and "moved from version 1 to registered version 2" in out and f"models:/{better}" in out
+    assert pending not in out and failed not in out
     assert len(client.search_model_versions("name='sel-champion'")) == 2
     assert client.get_model_version_by_alias("sel-champion", "champion").source == f"models:/{better}"
     rc, out, _ = _select(capsys, db)

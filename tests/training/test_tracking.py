@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 from training import tracking
 from training.config import TrainConfig
@@ -29,7 +31,10 @@ def cfg(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     skipped = [{"file": "MOSE/train/JPEGImages/v1/00003.jpg", "reason": "truncated JPEG", "key": "mose__v1__0"}]
-    (shards / "manifest.json").write_text(json.dumps({"config_hash": "abc123", "num_clips": 7, "num_skipped": 1,
+    # as the shard job writes it (data_pipeline.shard): 7 clips in 2 shards, 1 input skipped
+    per_shard = {"skip05/shard-000000.tar": 4, "skip10/shard-000000.tar": 3}
+    (shards / "manifest.json").write_text(json.dumps({"config_hash": "abc123", "num_clips": 7, "num_shards": 2,
+                                                      "clips_per_shard": per_shard, "num_skipped": 1,
                                                       "skipped": skipped}))
     c.data.shards = str(shards)
     return c
@@ -66,6 +71,8 @@ def test_one_run_params_resume_and_outage(cfg, tmp_path, monkeypatch):
     assert any(a.path == "config" for a in client.list_artifacts(t.run_id))
     # the data it trained on: shard manifest, its hash and the samples the shard job skipped
     assert runs[0].data.params["data/config_hash"] == "abc123" and runs[0].data.metrics["data/skipped_samples"] == 1
+    assert runs[0].data.params["data/num_clips"] == "7", \
+        f"data/num_clips is {runs[0].data.params.get('data/num_clips')!r}, the manifest counts 7 clips (4 + 3)"
     assert {a.path for a in client.list_artifacts(t.run_id, "data")} == {"data/manifest.json",
                                                                          "data/skipped_samples.json"}
     assert exp.artifact_location.startswith("file://") and str(tmp_path) in exp.artifact_location
@@ -102,10 +109,29 @@ def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypa
     assert sorted(uris) == [10, 20, 30] and all(u.startswith("models:/") for u in uris.values())
     assert not any((tmp_path / "uploads").iterdir())  # the staged files are gone once uploaded
 
+    # Logged models that are not READY score better but are never chosen: one a killed upload left PENDING, one
+    # whose upload failed (FAILED), as the upload thread leaves them (training.tracking._log_staged_model).
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    not_ready = {}
+    for it, jf, status in ((50, 0.99, "PENDING"), (60, 0.95, "FAILED")):
+        model = client.create_logged_model(t.experiment_id, name=f"ckpt-iter{it:07d}", source_run_id=t.run_id,
+                                           tags={"iteration": str(it)})
+        client.log_batch(t.run_id, metrics=[Metric("val/JF", jf, int(time.time() * 1000), it,
+                                                   model_id=model.model_id)])
+        if status == "FAILED":
+            client.finalize_logged_model(model.model_id, status)
+        assert client.get_logged_model(model.model_id).status.name == status
+        not_ready[model.model_id] = status
+    exp_id = client.get_experiment_by_name("tracking-test").experiment_id
+    ranked = [(round(score, 2), m.model_id) for score, m in select.rank_logged_models(mlflow, exp_id, "val/J&F")]
+    picked = [not_ready[i] for _, i in ranked if i in not_ready]
+    assert not picked, f"training.select ranks logged models that are not READY ({picked}): {ranked}"
+    assert [s for s, _ in ranked] == [0.73, 0.58, 0.41]
+
     champ = select.select("tracking-test", "val/J&F", tracking_uri=cfg.tracking.tracking_uri)
+    assert champ.model_id not in not_ready, f"a {not_ready.get(champ.model_id)} logged model became the champion"
     assert champ.iteration == 20 and champ.score == pytest.approx(0.73)
     assert champ.logged_model_uri == uris[20] and champ.alias_uri == "models:/tracking-test-champion@champion"
-    client = MlflowClient(cfg.tracking.tracking_uri)
     version = client.get_model_version_by_alias("tracking-test-champion", "champion")
     assert str(version.version) == champ.version
     model = mlflow.get_logged_model(champ.model_id)
@@ -113,7 +139,8 @@ def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypa
     assert {("val/JF", 20), ("val/J", 20), ("val/F", 20)} <= keys
     assert model.source_run_id == t.run_id
     history = client.get_metric_history(t.run_id, "val/JF")
-    assert sorted((m.step, round(m.value, 2)) for m in history) == [(10, 0.41), (20, 0.73), (30, 0.58)]
+    assert sorted((m.step, round(m.value, 2)) for m in history) == [(10, 0.41), (20, 0.73), (30, 0.58), (50, 0.99),
+                                                                    (60, 0.95)]
     images = [a.path for a in client.list_artifacts(t.run_id, "images")]
     assert any("overlay" in p for p in images)  # mask overlays were logged as images
     # A second selection after a better checkpoint arrives moves the alias.
@@ -121,7 +148,7 @@ def test_logged_checkpoints_ranked_and_champion_selected(cfg, tmp_path, monkeypa
     t2.log_checkpoint(torch.nn.Linear(2, 2), 40, {"J&F-Mean": 0.9}, [])  # no file given: the network is saved
     t2.end()
     champ2 = select.select("tracking-test", tracking_uri=cfg.tracking.tracking_uri)
-    assert champ2.iteration == 40 and champ2.version != champ.version
+    assert champ2.iteration == 40 and champ2.version != champ.version and champ2.model_id not in not_ready
     assert str(client.get_model_version_by_alias("tracking-test-champion", "champion").version) == champ2.version
 
 
@@ -233,7 +260,8 @@ def test_failed_upload_is_retried_then_recorded_and_never_stops_training(cfg, tm
     records = {r["iteration"]: r for r in _logged(tmp_path)}
     assert records[10]["status"] == "FAILED" and "unreachable" in records[10]["error"]
     assert records[20]["status"] == "READY" and records[20]["attempts"] == 2
-    assert "unlogged_checkpoint" in (tmp_path / "mlflow_pending.jsonl").read_text()
+    # the failed checkpoint's scores were kept, then reached the run: nothing is pending any more
+    assert not (tmp_path / "mlflow_pending.jsonl").exists()
     client = MlflowClient(cfg.tracking.tracking_uri)
     assert sorted((m.step, m.value) for m in client.get_metric_history(t.run_id, "val/JF")) == [(10, 0.4), (20, 0.6)]
     failed = mlflow.get_logged_model(records[10]["model_id"]) if records[10]["model_id"] else None

@@ -163,3 +163,120 @@ def test_a_shard_task_gets_only_its_clips_frames_and_writes_the_same_bytes(data,
         if p.dataset in ("ovis", "burst"):
             assert len(pickle.dumps(view)) < len(pickle.dumps(full))
     assert seen == set(videos)
+
+
+# ------------------------------------------------------------------------- reader options (shard config reader_options)
+
+def _rle(mask: np.ndarray) -> str:
+    """A binary (h, w) mask as the datasets store it: COCO compressed RLE counts (column-major), ASCII."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+
+
+def _box(rows: slice, cols: slice, h: int = 4, w: int = 6) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[rows, cols] = True
+    return m
+
+
+def _jpgs(folder, names: list[str], h: int = 4, w: int = 6) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(folder / n, quality=92)
+
+
+def test_ovis_keep_crowd_decides_whether_crowd_tracks_are_objects(tmp_path):
+    """OVIS (annotations/annotations_train.json, train/<video>/img_*.jpg), one video of 2 frames, 3 tracks: 11
+    (an object in both frames), 12 (`iscrowd: 1`, frame 0 only), 13 (an object in frame 1 only). Ids are the
+    track's rank by annotation id among the kept tracks."""
+    root = tmp_path / "OVIS"
+    files = ["cam/img_0000001.jpg", "cam/img_0000002.jpg"]
+    _jpgs(root / "train" / "cam", [f.split("/")[1] for f in files])
+    tracks = {  # annotation id: (iscrowd, [frame 0 mask or None, frame 1 mask or None])
+        11: (0, [_box(0, slice(0, 2)), _box(0, slice(1, 3))]),
+        12: (1, [_box(slice(2, 4), slice(4, 6)), None]),
+        13: (0, [None, _box(3, slice(0, 3))]),
+    }
+    anns = [{"id": i, "video_id": 1, "category_id": 1, "iscrowd": crowd, "height": 4, "width": 6, "length": 2,
+             "segmentations": [None if m is None else {"size": [4, 6], "counts": _rle(m)} for m in masks],
+             "areas": [None if m is None else int(m.sum()) for m in masks], "bboxes": [None, None]}
+            for i, (crowd, masks) in tracks.items()]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "annotations_train.json").write_text(json.dumps(
+        {"videos": [{"id": 1, "file_names": files, "height": 4, "width": 6, "length": 2}], "annotations": anns,
+         "categories": [{"id": 1, "name": "fish"}]}))
+
+    with_crowd = [[[1, 1, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 2, 2],
+                   [0, 0, 0, 0, 2, 2]],
+                  [[0, 1, 1, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0],
+                   [3, 3, 3, 0, 0, 0]]]
+    without_crowd = [[[1, 1, 0, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0]],
+                     [[0, 1, 1, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0],
+                      [2, 2, 2, 0, 0, 0]]]
+    for options, ids, masks in (({}, {0: [1, 2], 1: [1, 3]}, with_crowd),  # the default keeps them (Cutie)
+                                ({"keep_crowd": True}, {0: [1, 2], 1: [1, 3]}, with_crowd),
+                                ({"keep_crowd": False}, {0: [1], 1: [1, 2]}, without_crowd)):
+        reader = build_reader("ovis", root, **options)
+        (video,) = reader.videos()
+        assert video.video == "cam" and video.frames == ["img_0000001", "img_0000002"] and not reader.problems
+        assert video.object_ids == ids, \
+            f"OVIS {options or 'defaults'}: object ids per frame {video.object_ids}, expected {ids} (track 12 is crowd)"
+        for i in range(2):
+            got = reader.read_mask(video, i)
+            assert got.tolist() == masks[i], f"OVIS {options or 'defaults'}: frame {i} mask {got.tolist()}"
+
+
+def test_burst_keep_non_gt_decides_whether_non_gt_masks_are_kept(tmp_path):
+    """BURST (train/all_classes.json, frames/train/<dataset>/<seq>/*.jpg), one sequence of 3 frames, 0 and 2
+    annotated. Frame 0: track 105 (is_gt), 250 and 300 (is_gt false); frame 2: 105 and 250 (both is_gt). Track ids
+    are remapped to 1..n in id order over the kept masks; track 300 has no gt mask, so without non-gt masks it is
+    gone from the sequence."""
+    root = tmp_path / "BURST"
+    names = ["f0.jpg", "f1.jpg", "f2.jpg"]
+    _jpgs(root / "frames" / "train" / "LaSOT" / "cat-1", names)
+    segs = [{"105": {"rle": _rle(_box(0, slice(0, 2))), "is_gt": True},
+             "250": {"rle": _rle(_box(1, slice(2, 4))), "is_gt": False},
+             "300": {"rle": _rle(_box(3, slice(4, 6))), "is_gt": False}},
+            {"105": {"rle": _rle(_box(0, slice(1, 3))), "is_gt": True},
+             "250": {"rle": _rle(_box(2, slice(3, 6))), "is_gt": True}}]
+    (root / "train").mkdir()
+    (root / "train" / "all_classes.json").write_text(json.dumps({"split": "train", "sequences": [
+        {"dataset": "LaSOT", "seq_name": "cat-1", "fps": 30, "width": 6, "height": 4, "id": 0,
+         "annotated_image_paths": ["f0.jpg", "f2.jpg"], "all_image_paths": names, "segmentations": segs,
+         "track_category_ids": {"105": 1, "250": 1, "300": 1}}]}))
+
+    frame2 = [[0, 1, 1, 0, 0, 0],
+              [0, 0, 0, 0, 0, 0],
+              [0, 0, 0, 2, 2, 2],
+              [0, 0, 0, 0, 0, 0]]
+    all_masks = [[[1, 1, 0, 0, 0, 0],
+                  [0, 0, 2, 2, 0, 0],
+                  [0, 0, 0, 0, 0, 0],
+                  [0, 0, 0, 0, 3, 3]], frame2]
+    gt_only = [[[1, 1, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0, 0],
+                [0, 0, 0, 0, 0, 0]], frame2]
+    for options, ids, masks in (({}, {0: [1, 2, 3], 2: [1, 2]}, all_masks),  # the default keeps them (Cutie)
+                                ({"keep_non_gt": True}, {0: [1, 2, 3], 2: [1, 2]}, all_masks),
+                                ({"keep_non_gt": False}, {0: [1], 2: [1, 2]}, gt_only)):
+        reader = build_reader("burst", root, **options)
+        (video,) = reader.videos()
+        assert video.video == "LaSOT/cat-1" and video.annotated == [True, False, True] and not reader.problems
+        assert video.object_ids == ids, (f"BURST {options or 'defaults'}: object ids per frame {video.object_ids}, "
+                                         f"expected {ids} (frame 0: tracks 250 and 300 are not gt)")
+        for i, want in zip((0, 2), masks, strict=True):
+            got = reader.read_mask(video, i)
+            assert got.tolist() == want, f"BURST {options or 'defaults'}: frame {i} mask {got.tolist()}"

@@ -91,10 +91,13 @@ def _core_landed() -> bool:
 
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not _core_landed(), reason="model.config / configs/tiny.yaml not in the tree yet")
-def test_cli_on_tiny_config_with_a_depth_anything_file(tmp_path):
-    from model import build_network
+def test_cli_on_tiny_config_with_a_depth_anything_file(tmp_path, monkeypatch):
+    """`--weights` with a Depth-Anything file: the encoder the command renders holds the file's ViT tensors (the
+    `pretrained.` keys, the 14x14 patch kernel resized to 16x16) and nothing else changes; so, from the same seed,
+    the ViT maps differ from a run without `--weights` while everything outside the ViT is the same."""
+    from model import build_network, visualize
     from model.config import load_model_config
-    from model.weights import find_vit
+    from model.weights import find_vit, resize_patch_kernel
 
     network = build_network(load_model_config("tiny", {"pixel_encoder": {"init": "random", "weights": None}}))
     vit_state = find_vit(network).state_dict()
@@ -106,31 +109,46 @@ def test_cli_on_tiny_config_with_a_depth_anything_file(tmp_path):
     state["depth_head.scratch.output_conv2.2.weight"] = torch.zeros(1, 4, 1, 1)
     weights = tmp_path / "depth_anything_tiny.pth"
     torch.save(state, weights)
-    root = Path(__file__).resolve().parents[2]
+    image = _frame(tmp_path)
+
+    # The command line (in-process: its entry point is `main`, `python -m` runs in the test below), with a spy on
+    # what it renders: the encoder it built and the maps of that encoder.
+    rendered: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
+    real_render = visualize.render_feature_maps
+
+    def spy(encoder, rgb, out_dir):
+        rendered[Path(out_dir).name] = (encoder, capture_feature_maps(encoder, rgb))
+        return real_render(encoder, rgb, out_dir)
+
+    monkeypatch.setattr(visualize, "render_feature_maps", spy)
+    common = ["--config", "tiny", "--image", str(image), "--size", "64"]
+    torch.manual_seed(0)
+    assert visualize.main([*common, "--weights", str(weights), "--out", str(tmp_path / "viz")]) == 0
+    torch.manual_seed(0)  # the same random init: the file is the only difference
+    assert visualize.main([*common, "--out", str(tmp_path / "plain")]) == 0
+
+    encoder, maps = rendered["viz"]
+    plain_encoder, plain_maps = rendered["plain"]
+    vit = find_vit(encoder).state_dict()
+    assert torch.equal(vit["blocks.0.attn.qkv.weight"], state["pretrained.blocks.0.attn.qkv.weight"]), \
+        "--weights: the rendered encoder's ViT does not hold the file's blocks.0.attn.qkv.weight"
+    for key, value in vit.items():
+        want = state[f"pretrained.{key}"]
+        if key == "patch_embed.proj.weight":
+            assert value.shape[-2:] == (16, 16)
+            want = resize_patch_kernel(want, (16, 16))
+        assert torch.equal(value, want), f"--weights: ViT tensor {key} is not the file's pretrained.{key}"
+    vit_keys = {f"vit.{k}" for k in vit}
+    own, plain = encoder.state_dict(), plain_encoder.state_dict()
+    assert vit_keys <= set(own) and own.keys() == plain.keys()
+    changed = sorted(k for k in own if not torch.equal(own[k], plain[k]))
+    assert set(changed) <= vit_keys, f"--weights changed tensors outside the ViT: {changed[:5]}"
+    for stage in range(1, 5):
+        name = f"stage{stage}_vit_s16"
+        assert maps[name].shape == plain_maps[name].shape
+        assert not torch.allclose(maps[name], plain_maps[name]), f"{name}: the same map with and without --weights"
+
     out = tmp_path / "viz"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "model.visualize",
-            "--config",
-            "tiny",
-            "--weights",
-            str(weights),
-            "--image",
-            str(_frame(tmp_path)),
-            "--out",
-            str(out),
-            "--size",
-            "64",
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
     index = json.loads((out / "index.json").read_text())
     assert index["image_size"] == [64, 91]
     assert {"output_f16", "output_f8", "output_f4"} <= set(index["maps"])

@@ -87,17 +87,48 @@ def test_pruning_keeps_each_batch_rows_own_most_used_tokens():
     torch.testing.assert_close(store.key[:, 0], torch.tensor([[0.0, 3], [18.0, 22]]))
 
 
+def _readout_by_hand(frames, qk, qe, top_k):
+    """XMem's readout written out per query pixel in float64: frames = [(key (CK, L), shrinkage (L,), value (CV, L))]
+    of the memory one object reads; similarity -sum_c e_c (k_c - q_c)^2 * s / sqrt(CK), softmax over the top_k
+    most similar memory tokens (all when there are no more), value weighted by it. -> (CV, N)."""
+    key = torch.cat([f[0] for f in frames], 1).double()
+    shr = torch.cat([f[1] for f in frames]).double()
+    val = torch.cat([f[2] for f in frames], 1).double()
+    qk, qe = qk.double(), qe.double()
+    ck, n = qk.shape
+    out = torch.zeros(val.shape[0], n, dtype=torch.float64)
+    for j in range(n):
+        sim = -(qe[:, j:j + 1] * (key - qk[:, j:j + 1]) ** 2).sum(0) * shr / math.sqrt(ck)
+        top = sorted(range(len(sim)), key=lambda i: -float(sim[i]))[:top_k]
+        w = torch.exp(sim[top] - sim[top].max())
+        out[:, j] = (val[:, top] * (w / w.sum())).sum(1)
+    return out
+
+
 def test_late_objects_get_their_own_bucket_and_readout():
     mm = MemoryManager(top_k=30, max_mem_frames=5)
-    k, s, e, v = _frame(seed=0)
-    mm.add(k, s, e, {1: v}, None, [1])
-    k, s, e, v = _frame(seed=1)
-    mm.add(k, s, e, {1: v, 4: -v}, None, [4])
+    k0, s0, e0, v0 = _frame(seed=0)
+    mm.add(k0, s0, e0, {1: v0}, None, [1])
+    k1, s1, e1, v1 = _frame(seed=1)
+    w1 = _frame(seed=7)[3]  # object 4's own value, unrelated to object 1's
+    mm.add(k1, s1, e1, {1: v1, 4: w1}, None, [4])
     assert mm.objects == [1, 4]
     assert len(mm.buckets[0].work) == 40 and len(mm.buckets[1].work) == 20
-    out = mm.read(k, e)
-    # object 4 has only one memory frame, so its readout is a convex combination of -v
-    assert out[4].shape == out[1].shape
+    qk, _, qe, _ = _frame(seed=2)
+    out = mm.read(qk, qe)
+    assert set(out) == {1, 4} and out[4].shape == out[1].shape == (1, 3, 4, 5)
+
+    def flat(x):
+        return x[0].flatten(1)
+
+    # object 1 reads frames 0 and 1 (40 tokens, top 30); object 4, registered at frame 1, reads frame 1 only
+    # (20 tokens, all of them) and its own value there
+    ref1 = _readout_by_hand([(flat(k0), flat(s0)[0], flat(v0)), (flat(k1), flat(s1)[0], flat(v1))],
+                            flat(qk), flat(qe), 30)
+    ref4 = _readout_by_hand([(flat(k1), flat(s1)[0], flat(w1))], flat(qk), flat(qe), 30)
+    torch.testing.assert_close(out[1][0].flatten(1).double(), ref1, rtol=0, atol=1e-5)
+    err = float((out[4][0].flatten(1).double() - ref4).abs().max())
+    assert err < 1e-5, f"object 4's readout is {err:.3g} from softmax(sim(frame 1)) @ object 4's value at frame 1"
 
 
 def test_config_validation():

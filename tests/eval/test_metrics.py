@@ -114,7 +114,9 @@ def test_statistics_and_long_video_decay():
     v = np.linspace(1, 0, 300)
     m, o, d = metrics.db_statistics(v)
     assert abs(m - 0.5) < 1e-12 and abs(o - 150 / 300) < 1e-12
-    assert 0.7 < d < 0.8  # the official uint8 bins give NaN here
+    # bins: ids round(linspace(1, 300, 5)) - 1 = [0, 75, 150, 224, 299]; v[i] = 1 - i / 299, so the first bin
+    # v[0:76] has mean 1 - 37.5 / 299 and the last v[224:300] 1 - 261.5 / 299 (the official uint8 bins give NaN)
+    assert d == pytest.approx(224 / 299, rel=0, abs=1e-12)
     short = np.array([1.0, 0.9, 0.8, 0.2, 0.1, 0.0, 0.3])
     ids = (np.round(np.linspace(1, 7, 5) + 1e-10) - 1).astype(np.uint8)  # the official indices (no wrap below 256)
     expect = short[ids[0]:ids[1] + 1].mean() - short[ids[3]:ids[4] + 1].mean()
@@ -134,3 +136,48 @@ def test_evaluate_many_parallel_equals_serial():
     rng = np.random.default_rng(3)
     items = [(f"s{i}", *_blob_video(rng, 6, 30, 40, 2)) for i in range(3)]
     assert metrics.evaluate_many(items, workers=2) == metrics.evaluate_many(items, workers=0)
+
+
+def test_object_appearing_after_frame_0_is_scored_on_the_frames_before_it():
+    """README: where an object first appears after frame 0 the official DAVIS evaluator (followed here) scores the
+    frames before it appears, vos-benchmark skips them. Object 1 appears at frame 3 (object 2 holds frame 0, so
+    id 1 <= max(first frame) is one of the sequence's objects); frames 1-4 are scored. Prediction of object 1:
+    frame 1 nothing (both empty), frame 2 a false positive before it appears, frame 3 exact, frame 4 missed."""
+    box1 = (slice(3, 9), slice(3, 11))
+    box2 = (slice(10, 16), slice(18, 26))
+    gt = np.zeros((6, 20, 30), np.uint8)
+    gt[:, box2[0], box2[1]] = 2
+    gt[3:, box1[0], box1[1]] = 1
+    pred = gt.copy()
+    pred[2][box1] = 1  # before it appears
+    pred[4][box1] = 0  # missed
+    res = metrics.evaluate_sequence(gt, pred)
+    assert res["objects"] == [1, 2]
+    # by hand: both empty -> J = F = 1; false positive -> 0, 0 (F: P = 0, R = 1); exact -> 1, 1; miss -> 0, 0
+    np.testing.assert_array_equal(res["J"], [[1, 0, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(res["F"], [[1, 0, 1, 0], [1, 1, 1, 1]])
+    rows = metrics.object_statistics("s", res)
+    assert [(r["J-Mean"], r["F-Mean"], r["J-Recall"]) for r in rows] == [(0.5, 0.5, 0.5), (1.0, 1.0, 1.0)]
+    assert metrics.summarize(rows)["J&F-Mean"] == 0.75  # (0.5 + 1) / 2
+
+    # vos-benchmark scores object 1 from frame 2 on (its first frame in the GT or the prediction): [0, 1, 0]
+    ev = vos_evaluator.Evaluator()
+    for i in range(1, 5):
+        ev.feed_frame(pred[i], gt[i])
+    np.testing.assert_array_equal(ev.object_iou[1], [0, 1, 0])
+    np.testing.assert_array_equal(ev.boundary_f[1], [0, 1, 0])
+    np.testing.assert_array_equal(ev.object_iou[1], res["J"][0, 1:])  # the frames both score agree
+    iou, bf = ev.conclude()
+    assert iou[1] == pytest.approx(100 / 3) and bf[1] == pytest.approx(100 / 3) and iou[2] == bf[2] == 100
+    vos_jf = (np.mean(list(iou.values())) + np.mean(list(bf.values()))) / 200
+    assert vos_jf == pytest.approx(2 / 3)  # (1/3 + 1) / 2, not our 0.75
+
+    # an object whose id is above every id of frame 0 is not one of the sequence's objects (official: N = max of
+    # the first GT frame); vos-benchmark scores it
+    late3 = gt.copy()
+    late3[3:, 0:2, 0:4] = 3
+    assert metrics.evaluate_sequence(late3, pred)["objects"] == [1, 2]
+    ev = vos_evaluator.Evaluator()
+    for i in range(1, 5):
+        ev.feed_frame(pred[i], late3[i])
+    assert ev.objects_in_gt == {1, 2, 3}

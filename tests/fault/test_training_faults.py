@@ -151,11 +151,66 @@ def _adam_steps(ckpt: Path) -> set[int]:
     return steps
 
 
+def _one_rank_moments(ckpt: Path) -> dict[str, tuple]:
+    """Adam's moments per parameter in a 1-rank ZeRO-1/2 checkpoint: name → (exp_avg, exp_avg_sq, beta1, beta2).
+    The optimizer holds one flat fp32 partition per parameter group; the file's param_slice_mappings cut it into
+    parameters (the names of the universal checkpoint's zero/<name>/ folders)."""
+    from training.checkpoint import safe_torch_load
+
+    (optim_file,) = ckpt.glob("*optim_states.pt")
+    sd = safe_torch_load(optim_file, map_location="cpu")["optimizer_state_dict"]
+    assert set(sd["partition_count"]) == {1}, sd["partition_count"]  # one rank: each partition is its whole group
+    shapes = safe_torch_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["param_shapes"]
+    base = sd["base_optimizer_state"]
+    out = {}
+    for gi, (group, slices) in enumerate(zip(shapes, sd["param_slice_mappings"], strict=True)):
+        state, (b1, b2) = base["state"][gi], base["param_groups"][gi]["betas"]
+        for name, shape in group.items():
+            cut = slice(slices[name].start, slices[name].start + slices[name].numel)
+            out[name] = (state["exp_avg"][cut].view(shape), state["exp_avg_sq"][cut].view(shape), b1, b2)
+    return out
+
+
+def _assert_moments_carried_over(universal_tag: Path, resumed: Path) -> None:
+    """The resumed job's one Adam step (iteration 5) started from the source's moments (iteration 4, as
+    to_universal.sh wrote them to zero/<param>/exp_avg.pt and exp_avg_sq.pt), for every trainable parameter.
+
+    torch's AdamW does m5 = b1·m4 + (1-b1)·g and v5 = b2·v4 + (1-b2)·g² with one and the same gradient g. So g is
+    read off the first moment, g = (m5 - b1·m4) / (1-b1), and the second moment must agree: v5 - b2·v4 = (1-b2)·g²
+    (to fp32 rounding; measured ≤ 1e-6 relative). Moments zeroed or left fresh after the load give m5 = (1-b1)·g,
+    v5 = (1-b2)·g², which miss this by the size of b2·v4 and b1·m4 (≥ 0.5 relative on every parameter here)."""
+    import torch
+
+    src = universal_tag / "zero"
+    moments = _one_rank_moments(resumed)
+    with_moments = {p.name for p in src.iterdir() if (p / "exp_avg.pt").is_file()}
+    assert moments and set(moments) == with_moments, sorted(set(moments) ^ with_moments)[:10]
+    eps = float(torch.finfo(torch.float32).eps)
+    wrong, carried = [], 0.0
+    for name, (m5, v5, b1, b2) in sorted(moments.items()):
+        m4 = torch.load(src / name / "exp_avg.pt", map_location="cpu", weights_only=True)["param"].double()
+        v4 = torch.load(src / name / "exp_avg_sq.pt", map_location="cpu", weights_only=True)["param"].double()
+        m5, v5 = m5.double(), v5.double()
+        assert m4.shape == m5.shape and v4.shape == v5.shape, name
+        carried += v4.sum().item()
+        g = (m5 - b1 * m4) / (1 - b1)
+        miss = ((v5 - b2 * v4) - (1 - b2) * g * g).norm().item()
+        tol = 1e-4 * ((1 - b2) * g * g).norm().item() + 8 * eps * v5.norm().item()
+        if not miss <= tol:
+            wrong.append(f"{name}: |v5 - b2·v4 - (1-b2)·g²| = {miss:.3e} > {tol:.3e} (|b2·v4| = "
+                         f"{(b2 * v4).norm().item():.3e}, |m4| = {m4.norm().item():.3e})")
+    assert not wrong, (f"{len(wrong)} of {len(moments)} parameters: Adam's moments after the resume are not the "
+                       "universal checkpoint's, stepped once:\n" + "\n".join(wrong[:8]))
+    assert carried > 0, "the source checkpoint has no second moments: nothing to carry over"
+
+
 @pytest.mark.timeout(900)
 def test_two_rank_checkpoint_resumes_on_one_rank(shards, uninterrupted, tmp_path):
     """Universal checkpointing, stated plainly: to_universal.sh converts iteration 4 of the 2-rank run; the 1-rank
     job loads weights AND optimizer state from it (load_universal). A learning rate of 1e-30 makes the resumed
-    step a no-op on the weights, so iteration 5's weights must equal iteration 4's: a fresh start would not."""
+    step a no-op on the weights, so iteration 5's weights must equal iteration 4's: a fresh start would not. Adam's
+    moments: iteration 5's are exactly iteration 4's (the universal files) after one Adam step, for every trainable
+    parameter (_assert_moments_carried_over), and the step count is 5."""
     import torch
 
     from training import checkpoint
@@ -193,7 +248,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, uninterrupted, tmp_path
             assert int(after[k]) >= int(before[k]), (k, int(before[k]), int(after[k]))
             continue
         assert torch.allclose(before[k], after[k], atol=1e-6), k  # trainable and frozen weights
-    assert _adam_steps(after_ref.path) == {5}  # Adam's moments and step count came along (a fresh optimizer: 1)
+    assert _adam_steps(after_ref.path) == {5}  # Adam's step count came along (a fresh optimizer: 1)
+    _assert_moments_carried_over(universal / "iter_0000004", after_ref.path)  # ... and its moments
     client, (run,) = mlflow_runs(out)
     assert run.info.run_id == json.loads((uninterrupted / "run_info.json").read_text())["mlflow_run_id"]
 

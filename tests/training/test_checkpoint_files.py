@@ -80,3 +80,199 @@ def test_purge_weights_keeps_the_newest_k_with_their_sidecars(tmp_path):
     assert checkpoint.purge_weights(tmp_path / "missing", keep=2) == []
     checkpoint.purge_weights(tmp_path, keep=0)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# ------------------------------------------------------------- edge cases (found by `make mutation`, issue 18)
+
+
+def _iterations(root):
+    return [r.iteration for r in checkpoint.list_checkpoints(root, complete_only=False)]
+
+
+def test_only_tag_folders_count_and_the_newest_of_many_is_latest(tmp_path):
+    for it in (2, 4, 6):
+        _make(tmp_path, it)
+    (tmp_path / "other").mkdir()  # not a tag: ignored
+    (tmp_path / "iter_0000009").write_text("a file named like a tag")  # not a folder: ignored
+    assert _iterations(tmp_path) == [2, 4, 6]
+    assert checkpoint.latest_complete(tmp_path).iteration == 6
+
+
+def test_purge_edge_cases(tmp_path, caplog):
+    caplog.set_level("INFO", logger="training.checkpoint")
+    a = tmp_path / "a"  # keep the last one; dead saves before it go, the one after it stays
+    for it in (2, 4, 6):
+        _make(a, it)
+    for it in (3, 5, 7):
+        _make(a, it, complete=False)
+    checkpoint.purge(a, keep_last=1)
+    assert _iterations(a) == [6, 7]
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        f"removed checkpoint {a / checkpoint.tag_for(it)}" for it in (2, 3, 4, 5))
+    b = tmp_path / "b"  # a dead save between two kept checkpoints goes too
+    _make(b, 1, complete=False)
+    _make(b, 6)
+    _make(b, 7, complete=False)
+    _make(b, 8)
+    checkpoint.purge(b, keep_last=2)
+    assert _iterations(b) == [6, 8]
+    c = tmp_path / "c"  # nothing complete yet: every save may still be in progress, none is removed
+    _make(c, 0, complete=False)
+    _make(c, 1, complete=False)
+    checkpoint.purge(c, keep_last=1)
+    assert _iterations(c) == [0, 1]
+
+
+def test_purge_weights_orders_by_iteration_and_leaves_other_files(tmp_path, caplog):
+    caplog.set_level("INFO", logger="training.checkpoint")
+    for it in (9_999_999, 10_000_000, 4):  # past 10^7 iterations the names no longer sort as numbers
+        (tmp_path / f"iter_{it:07d}.pt").write_bytes(b"w")
+    (tmp_path / "other.pt").write_bytes(b"not a tag")
+    for name in ("a_dir", "iter_0000001.pt.d", "z_dir"):
+        (tmp_path / name).mkdir()
+    removed = checkpoint.purge_weights(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == ["iter_0000004.pt", "iter_9999999.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["iter_10000000.pt", "other.pt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed 2 consolidated weight files from {tmp_path} (keeping iter_10000000)"]
+    caplog.clear()
+    for it in (20, 30):
+        (tmp_path / f"iter_{it:07d}.pt").write_bytes(b"w")
+    checkpoint.purge_weights(tmp_path, keep=2)  # iterations 20, 30, 10^7: the two newest stay
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed 1 consolidated weight files from {tmp_path} (keeping iter_0000030, iter_10000000)"]
+    caplog.clear()
+    checkpoint.purge_weights(tmp_path, keep=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"removed 2 consolidated weight files from {tmp_path} (keeping none)"]
+
+
+def test_load_weights_names_the_file_and_the_keys(tmp_path):
+    net = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(6)])  # 12 keys
+    keys = list(net.state_dict())
+    empty, extra = tmp_path / "empty.pt", tmp_path / "extra.pt"
+    torch.save({}, empty)
+    with pytest.raises(RuntimeError) as e:  # missing keys alone are an error
+        checkpoint.load_weights(net, empty)
+    assert str(e.value).startswith(f"{empty}: missing keys {keys[:10]}, unexpected keys []")
+    torch.save({**net.state_dict(), **{f"x{i}": torch.zeros(1) for i in range(12)}}, extra)
+    with pytest.raises(RuntimeError) as e:
+        checkpoint.load_weights(net, extra)
+    assert str(e.value) == f"{extra}: missing keys [], unexpected keys {[f'x{i}' for i in range(10)]}"
+
+
+def test_safe_load_keeps_its_promise_whatever_the_caller_asks(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": _Evil()}, evil)
+    with pytest.raises(pickle.UnpicklingError):  # weights_only=False from a caller is overridden
+        checkpoint.safe_torch_load(evil, weights_only=False)
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    assert checkpoint.safe_torch_load(good, map_location="meta")["w"].is_meta
+    with checkpoint.refuse_pickled_code():  # any torch.load inside the block, nested blocks included
+        with checkpoint.refuse_pickled_code(), pytest.raises(pickle.UnpicklingError, match=f"^{evil}: refused"):
+            torch.load(evil, weights_only=False)
+        assert torch.load(good, map_location="meta", weights_only=False)["w"].is_meta
+    assert torch.load.__module__.startswith("torch")  # restored
+
+
+def test_failed_save_removes_what_it_wrote_and_says_so(tmp_path):
+    ref = checkpoint.CheckpointRef(tmp_path, checkpoint.tag_for(3), 3)
+    ref.path.mkdir()
+    (ref.path / "part.pt").write_bytes(b"\0" * 2**20)
+    full = OSError(28, "No space left on device")
+    assert checkpoint._failed_save(ref, full) == (
+        f"checkpoint {ref.path} was not written ([Errno 28] No space left on device); its incomplete files "
+        "(1.0 MiB) were removed")
+    assert not ref.path.exists()
+    ref.path.mkdir()
+    assert checkpoint._failed_save(ref, full) == (
+        f"checkpoint {ref.path} was not written ([Errno 28] No space left on device)")
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"^w.pt not written \(\[Errno 28\] No space left on "
+                                                              r"device\); the partial file was removed$"):
+        checkpoint.raise_write_failure(full, "w.pt")
+    assert checkpoint.raise_write_failure(ValueError("not a write"), "w.pt") is None
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["zero0", "zero1"])
+def saved(request, tmp_path_factory):
+    """A real DeepSpeed checkpoint (one rank, gloo; ZeRO stage 0 or 1) and the module state it was saved from."""
+    import subprocess
+    import sys
+
+    from tests.fault.helpers import ROOT, child_env, free_port
+
+    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault" / "checkpoint_load_worker.py"), "save",
+                           str(root), str(request.param)], cwd=ROOT, env=child_env(MASTER_PORT=str(free_port())),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return checkpoint.latest_complete(root), torch.load(root / "expected_module.pt", weights_only=True)
+
+
+def test_consolidate_writes_the_modules_fp32_weights_once(saved, tmp_path):
+    ref, expected = saved
+    assert ref.iteration == 2
+    out = checkpoint.consolidate(ref, tmp_path / "w" / "iter_0000002.pt")
+    state = torch.load(out, weights_only=True)
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():  # trainable, frozen, BatchNorm statistics and its integer counter
+        assert state[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype), k
+        assert torch.equal(state[k], v), k
+    assert int(state["norm.num_batches_tracked"]) == 2
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    stamp = out.stat().st_mtime_ns
+    assert checkpoint.consolidate(ref, out) == out and out.stat().st_mtime_ns == stamp  # written once
+
+
+def test_failed_save_of_a_folder_never_created(tmp_path):
+    """A save that failed before writing anything: nothing to remove, nothing claimed removed, no second error."""
+    ref = checkpoint.CheckpointRef(tmp_path, checkpoint.tag_for(5), 5)
+    assert checkpoint._failed_save(ref, OSError(28, "No space left on device")) == (
+        f"checkpoint {ref.path} was not written ([Errno 28] No space left on device)")
+
+
+def test_release_failed_write_lets_go_of_what_the_failed_frames_held():
+    """torch.save's writer lives on in the locals of the frames of its exception; release_failed_write frees it
+    (on a full disk, the space of the deleted partial file comes back only then)."""
+    import weakref
+
+    class Writer:
+        pass
+
+    refs = []
+
+    def write():
+        writer = Writer()  # held by this frame, as torch.save's file writer is
+        refs.append(weakref.ref(writer))
+        raise OSError(28, "No space left on device")
+
+    try:
+        write()
+    except OSError as e:
+        error = e
+    (held,) = refs
+    assert held() is not None
+    checkpoint.release_failed_write(error)
+    assert held() is None
+
+
+def test_loads_stay_safe_when_the_environment_makes_torch_unsafe_by_default(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns torch.load's default to weights_only=False: the project's loaders
+    say weights_only=True explicitly, so they still refuse pickled code."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": Payload()}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.safe_torch_load(evil)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load_weights(torch.nn.Linear(2, 1), evil)
+    with checkpoint.refuse_pickled_code(), pytest.raises(pickle.UnpicklingError):
+        torch.load(evil)
+    assert not marker.exists()

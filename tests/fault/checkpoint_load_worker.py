@@ -1,6 +1,6 @@
 """Run by test_untrusted_files.py in a process of its own (one rank, gloo): `save DIR` writes a real ZeRO-1
-checkpoint through training.checkpoint.save (`save DIR 0`: ZeRO stage 0), and the module's state dict next to it
-as DIR/expected_module.pt; `load DIR TAG UNIVERSAL ...` builds a fresh engine for each
+checkpoint at iterations 1 and 2 through training.checkpoint.save (`save DIR STAGE [bf16]`: another ZeRO stage,
+bf16 training), and the module's state dict after each as DIR/expected_module_{1,2}.pt; `load DIR TAG UNIVERSAL ...` builds a fresh engine for each
 (DIR, TAG, UNIVERSAL) triple, calls training.checkpoint.load on it and prints one JSON line per load: the error's
 type and message, or the iteration loaded and a digest of the Adam moments."""
 
@@ -19,10 +19,11 @@ from training import checkpoint
 
 
 class Net(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, norm: bool = True):
         super().__init__()
         self.a = torch.nn.Linear(6, 8)
-        self.norm = torch.nn.BatchNorm1d(8)  # buffers, an integer one among them
+        # buffers, an integer one among them (not under bf16: DeepSpeed casts them, CPU batch_norm then refuses)
+        self.norm = torch.nn.BatchNorm1d(8) if norm else torch.nn.Identity()
         self.b = torch.nn.Linear(8, 2)
         self.frozen = torch.nn.Linear(2, 2)  # left out of ZeRO's optimizer files
         self.frozen.requires_grad_(False)
@@ -31,14 +32,14 @@ class Net(torch.nn.Module):
         return self.frozen(self.b(torch.relu(self.norm(self.a(x))))).pow(2).mean()
 
 
-def engine(universal: bool, stage: int = 1):
+def engine(universal: bool, stage: int = 1, bf16: bool = False):
     torch.manual_seed(0)
-    net = Net()
+    net = Net(norm=not bf16)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     eng, *_ = deepspeed.initialize(model=net, optimizer=opt, config={
         "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-        "checkpoint": {"load_universal": universal}})
+        "checkpoint": {"load_universal": universal}, "bf16": {"enabled": bf16}})
     return eng
 
 
@@ -59,14 +60,16 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     mode = sys.argv[1]
     if mode == "save":
-        eng = engine(False, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+        bf16 = sys.argv[4:5] == ["bf16"]
+        eng = engine(False, int(sys.argv[3]) if len(sys.argv) > 3 else 1, bf16)
         g = torch.Generator().manual_seed(0)
-        for _ in range(2):
-            loss = eng(torch.randn(4, 6, generator=g))
+        for it in (1, 2):
+            x = torch.randn(4, 6, generator=g)
+            loss = eng(x.bfloat16() if bf16 else x)
             eng.backward(loss)
             eng.step()
-        checkpoint.save(eng, Path(sys.argv[2]), 2, {"iteration": 2}, keep_last=1)
-        torch.save(eng.module.state_dict(), Path(sys.argv[2]) / "expected_module.pt")
+            checkpoint.save(eng, Path(sys.argv[2]), it, {"iteration": it}, keep_last=2)
+            torch.save(eng.module.state_dict(), Path(sys.argv[2]) / f"expected_module_{it}.pt")
         print(json.dumps({"saved": 2, "moments": moments(eng)}), flush=True)
     else:
         args = sys.argv[2:]

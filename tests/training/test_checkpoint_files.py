@@ -171,8 +171,8 @@ def test_safe_load_keeps_its_promise_whatever_the_caller_asks(tmp_path):
     assert checkpoint.safe_torch_load(good, map_location="meta")["w"].is_meta
     with checkpoint.refuse_pickled_code():  # any torch.load inside the block, nested blocks included
         with checkpoint.refuse_pickled_code(), pytest.raises(pickle.UnpicklingError, match=f"^{evil}: refused"):
-            torch.load(evil, weights_only=False)
-        assert torch.load(good, map_location="meta", weights_only=False)["w"].is_meta
+            torch.load(evil, weights_only=False)  # guarded: inside refuse_pickled_code
+        assert torch.load(good, map_location="meta", weights_only=False)["w"].is_meta  # guarded: as above
     assert torch.load.__module__.startswith("torch")  # restored
 
 
@@ -194,33 +194,49 @@ def test_failed_save_removes_what_it_wrote_and_says_so(tmp_path):
     assert checkpoint.raise_write_failure(ValueError("not a write"), "w.pt") is None
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["zero0", "zero1"])
+@pytest.fixture(scope="module", params=[(0, ""), (1, ""), (1, "bf16")], ids=["zero0", "zero1", "zero1-bf16"])
 def saved(request, tmp_path_factory):
-    """A real DeepSpeed checkpoint (one rank, gloo; ZeRO stage 0 or 1) and the module state it was saved from."""
+    """Real DeepSpeed checkpoints at iterations 1 and 2 (one rank, gloo; ZeRO stage 0 or 1, fp32 or bf16) and the
+    module state after each."""
     import subprocess
     import sys
 
     from tests.fault.helpers import ROOT, child_env, free_port
 
-    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    stage, precision = request.param
+    root = tmp_path_factory.mktemp(f"zero{stage}{precision}")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fault" / "checkpoint_load_worker.py"), "save",
-                           str(root), str(request.param)], cwd=ROOT, env=child_env(MASTER_PORT=str(free_port())),
-                          capture_output=True, text=True, timeout=300)
+                           str(root), str(stage), *([precision] if precision else [])], cwd=ROOT,
+                          env=child_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return checkpoint.latest_complete(root), torch.load(root / "expected_module.pt", weights_only=True)
+    refs = checkpoint.list_checkpoints(root)
+    assert [r.iteration for r in refs] == [1, 2]
+    return precision, {r.iteration: (r, torch.load(root / f"expected_module_{r.iteration}.pt", weights_only=True))
+                       for r in refs}
 
 
 def test_consolidate_writes_the_modules_fp32_weights_once(saved, tmp_path):
-    ref, expected = saved
-    assert ref.iteration == 2
-    out = checkpoint.consolidate(ref, tmp_path / "w" / "iter_0000002.pt")
-    state = torch.load(out, weights_only=True)
-    assert state.keys() == expected.keys()
-    for k, v in expected.items():  # trainable, frozen, BatchNorm statistics and its integer counter
-        assert state[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype), k
-        assert torch.equal(state[k], v), k
-    assert int(state["norm.num_batches_tracked"]) == 2
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    """Each checkpoint (the older one too: the tag is honoured, not DeepSpeed's `latest`) becomes the module's
+    weights in fp32: under bf16 the trainable ones are ZeRO's fp32 master weights (they round to the module's
+    bf16 copy but carry more bits), the frozen ones the module's own."""
+    precision, by_iteration = saved
+    for it, (ref, expected) in by_iteration.items():
+        out = checkpoint.consolidate(ref, tmp_path / "w" / f"iter_{it:07d}.pt")
+        state = torch.load(out, weights_only=True)
+        assert state.keys() == expected.keys()
+        finer = []
+        for k, v in expected.items():  # trainable, frozen, BatchNorm statistics and its integer counter
+            assert state[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype), k
+            if precision == "bf16" and not k.startswith("frozen."):
+                assert torch.equal(state[k].bfloat16(), v), (it, k)
+                finer.append(not torch.equal(state[k], v.float()))
+            else:
+                assert torch.equal(state[k], v.float() if v.is_floating_point() else v), (it, k)
+        if precision == "bf16":
+            assert finer and all(finer), f"iteration {it}: not the fp32 master weights (the bf16 module's?)"
+        else:
+            assert int(state["norm.num_batches_tracked"]) == it
+    assert sorted(p.name for p in out.parent.iterdir()) == ["iter_0000001.pt", "iter_0000002.pt"]  # no temp file
     stamp = out.stat().st_mtime_ns
     assert checkpoint.consolidate(ref, out) == out and out.stat().st_mtime_ns == stamp  # written once
 
@@ -274,5 +290,5 @@ def test_loads_stay_safe_when_the_environment_makes_torch_unsafe_by_default(tmp_
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load_weights(torch.nn.Linear(2, 1), evil)
     with checkpoint.refuse_pickled_code(), pytest.raises(pickle.UnpicklingError):
-        torch.load(evil)
+        torch.load(evil)  # guarded: inside refuse_pickled_code
     assert not marker.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,13 +216,19 @@ def saved(request, tmp_path_factory):
                        for r in refs}
 
 
-def test_consolidate_writes_the_modules_fp32_weights_once(saved, tmp_path):
+def test_consolidate_writes_the_modules_fp32_weights_once(saved, tmp_path, capsys, caplog):
     """Each checkpoint (the older one too: the tag is honoured, not DeepSpeed's `latest`) becomes the module's
     weights in fp32: under bf16 the trainable ones are ZeRO's fp32 master weights (they round to the module's
-    bf16 copy but carry more bits), the frozen ones the module's own."""
+    bf16 copy but carry more bits), the frozen ones the module's own. zero_to_fp32's prints go to the DEBUG log."""
+    caplog.set_level("DEBUG", logger="training.checkpoint")
     precision, by_iteration = saved
     for it, (ref, expected) in by_iteration.items():
-        out = checkpoint.consolidate(ref, tmp_path / "w" / f"iter_{it:07d}.pt")
+        out = checkpoint.consolidate(ref, tmp_path / "w" / "nested" / f"iter_{it:07d}.pt")
+        assert capsys.readouterr().out == ""
+        quiet = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"zero_to_fp32 on {ref.path}:")]
+        zero = any(ref.path.glob("*zero_pp_rank_*optim_states.pt"))  # ZeRO 1+: zero_to_fp32 ran, quietly
+        assert len(quiet) == int(zero) and all(len(q.splitlines()) > 2 for q in quiet), quiet
+        caplog.clear()
         state = torch.load(out, weights_only=True)
         assert state.keys() == expected.keys()
         finer = []
@@ -292,3 +299,39 @@ def test_loads_stay_safe_when_the_environment_makes_torch_unsafe_by_default(tmp_
     with checkpoint.refuse_pickled_code(), pytest.raises(pickle.UnpicklingError):
         torch.load(evil)  # guarded: inside refuse_pickled_code
     assert not marker.exists()
+
+
+def test_consolidate_on_a_full_disk_removes_its_partial_file_and_says_so(saved, tmp_path, monkeypatch):
+    """torch.save dies half-way (ENOSPC): the partial `<name>.tmp` (the name purge_weights cleans up) is removed,
+    the writer it held is released, and the error is a CheckpointWriteError naming the file."""
+    import weakref
+
+    _, by_iteration = saved
+    ref, _ = by_iteration[2]
+    out = tmp_path / "iter_0000002.pt"
+    seen, held = [], []
+
+    class Writer:
+        pass
+
+    def full_disk(obj, f, *args, **kwargs):
+        writer = Writer()  # held by this frame, as torch.save's file writer is
+        held.append(weakref.ref(writer))
+        seen.append(Path(f))
+        Path(f).write_bytes(b"\0" * 1024)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=rf"^consolidated weights {out} not written \(\[Errno 28\]"
+                                                              r" No space left on device\); the partial file was removed$"):
+        checkpoint.consolidate(ref, out)
+    assert seen == [tmp_path / "iter_0000002.pt.tmp"]
+    assert list(tmp_path.iterdir()) == [] and held[0]() is None
+
+    def full_before_open(obj, f, *args, **kwargs):  # nothing written at all: still the same error, not another
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_before_open)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"^consolidated weights .* not written \(\[Errno 28\]"):
+        checkpoint.consolidate(ref, out)
+    assert list(tmp_path.iterdir()) == []

@@ -54,7 +54,7 @@ def plain_loop(config: Path, data: Path, out: Path) -> tuple[int, float]:
         (out / level).mkdir(parents=True, exist_ok=True)
         for s in range(0, len(ps), cfg["clips_per_shard"]):
             items = [clip_item(specs[p.dataset], by_id[(p.dataset, p.video)], p) for p in ps[s:s + cfg["clips_per_shard"]]]
-            st = shard_task(str(out / level / f"shard-{s // cfg['clips_per_shard']:06d}.tar"), items,
+            st = shard_task(str(out), f"{level}/shard-{s // cfg['clips_per_shard']:06d}.tar", items,
                             cfg["short_side"], cfg["jpeg_quality"])
             clips += st["clips"]
     return clips, time.perf_counter() - t0

@@ -66,6 +66,7 @@ from PIL import Image
 
 from data_pipeline import augment as A
 from data_pipeline import pseudo_video as PV
+from data_pipeline import storage
 from data_pipeline.readers.base import ids_present
 from data_pipeline.sampling import KINDS, STATIC_LEVEL
 from data_pipeline.shard import stats_path  # the name the shard job gives a tar's stats (sha256) file
@@ -90,6 +91,17 @@ class BadSample(ValueError):
 
 class BadShard(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class RemoteShard:
+    """A shard under a remote root, as its manifest.json lists it (the loader never lists a bucket or a server)."""
+
+    root: str  # the shard root it is under (its manifest's)
+    rel: str  # level/shard-NNNNNN.tar: also its label in batch info, as for a local shard
+    clips: int
+    sha256: str | None
+    bytes: int | None
 
 
 # ----------------------------------------------------------------------------------------------- shard files
@@ -124,8 +136,9 @@ def shard_end_ok(path: Path) -> str | None:
     return None
 
 
-def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Headers only: [(key, {field: (data offset, size)})] in tar order. Raises BadShard when truncated."""
+def scan_shard(path: Path | bytes) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Headers only: [(key, {field: (data offset, size)})] in tar order, of a tar file or of a whole tar in memory
+    (a streamed remote shard). Raises BadShard when truncated."""
     fast = _scan_plain(path)
     return fast if fast is not None else _scan_tarfile(path)
 
@@ -142,11 +155,12 @@ def _add_member(samples: list, name: str, offset: int, size: int) -> None:
     samples[-1][1][field] = (offset, size)
 
 
-def _scan_tarfile(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def _scan_tarfile(path: Path | bytes) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    size = path.stat().st_size
+    in_memory = isinstance(path, bytes | bytearray | memoryview)
+    size = len(path) if in_memory else path.stat().st_size
     try:
-        with tarfile.open(path, "r:") as tf:
+        with (tarfile.open(fileobj=io.BytesIO(path), mode="r:") if in_memory else tarfile.open(path, "r:")) as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -161,22 +175,32 @@ def _scan_tarfile(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 _ZERO_BLOCK = bytes(512)
 
 
-def _scan_plain(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
+def _scan_plain(path: Path | bytes) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
     """`_scan_tarfile`'s answer for a tar of plain ustar file members (optionally with pax path/size records), as
     the shard job writes, at several times its speed (one pread per member, no TarInfo objects). None, for
     `tarfile` to decide, on anything else (other member types, GNU headers, base-256 sizes, bad checksums, a short
     header)."""
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    if isinstance(path, bytes | bytearray | memoryview):
+        data = memoryview(path)
+        return _scan_plain_from(lambda n, off: bytes(data[off:off + n]), len(data), samples)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise BadShard(f"{type(e).__name__}: {e}") from e
     try:
-        size = os.fstat(fd).st_size
+        return _scan_plain_from(lambda n, off: os.pread(fd, n, off), os.fstat(fd).st_size, samples)
+    finally:
+        os.close(fd)
+
+
+def _scan_plain_from(pread, size: int, samples: list) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
+    """`_scan_plain` over `pread(n, offset)` of a tar of `size` bytes."""
+    try:
         off = 0
         pax: dict[str, str] = {}
         while True:
-            h = os.pread(fd, 512, off)
+            h = pread(512, off)
             if len(h) < 512:
                 return None
             if h == _ZERO_BLOCK:
@@ -191,7 +215,7 @@ def _scan_plain(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]] | No
             if kind == b"x":
                 if off + 512 + n > size:
                     return None
-                pax = _pax_records(os.pread(fd, n, off + 512))
+                pax = _pax_records(pread(n, off + 512))
                 if pax is None:
                     return None
                 off += 512 + -(-n // 512) * 512
@@ -216,8 +240,6 @@ def _scan_plain(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]] | No
         raise
     except (ValueError, UnicodeDecodeError):  # an unparsable number or name: tarfile says what is wrong
         return None
-    finally:
-        os.close(fd)
 
 
 def _pax_records(data: bytes) -> dict[str, str] | None:
@@ -425,6 +447,7 @@ class LoaderConfig:
     paste_pool_shards: int = 4  # shards whose samples a (level, block) draws paste partners from
     verify_shards: bool = False  # check each shard's sha256 (its stats.json) before reading it
     kind: str = "video"  # or "static": single-image samples turned into num_frames-frame pseudo-videos
+    shard_cache: str = ""  # remote shards: a local folder to keep the downloaded tars in ("" keeps them in memory)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -449,6 +472,8 @@ class LoaderConfig:
         if isinstance(self.paste_pool_shards, bool) or not isinstance(self.paste_pool_shards, int) \
                 or self.paste_pool_shards < 1:
             raise ValueError(f"data.loader.paste_pool_shards must be an int >= 1, got {self.paste_pool_shards!r}")
+        if not isinstance(self.shard_cache, str):
+            raise ValueError(f"data.loader.shard_cache must be a folder path (or empty), got {self.shard_cache!r}")
         if not isinstance(self.verify_shards, bool):
             raise ValueError(f"data.verify_shards must be true or false, got {self.verify_shards!r}")
 
@@ -516,10 +541,17 @@ class _Pool:
 class _Lane:
     """All batches of one (rank, lane): iterations i ≡ lane (mod lanes)."""
 
-    def __init__(self, cfg: LoaderConfig, shards: dict[int, list[Path]], rank: int, lane: int,
-                 params: A.AugmentParams, digests: dict[Path, str] | None = None):
+    def __init__(self, cfg: LoaderConfig, shards: dict[int, list], rank: int, lane: int,
+                 params: A.AugmentParams, digests: dict[Path, str] | None = None,
+                 remote: dict[str, RemoteShard] | None = None):
         self.cfg, self.shards, self.rank, self.lane, self.params = cfg, shards, rank, lane, params
         self.digests = digests  # verify_shards: the sha256 each shard must have
+        # remote shards (URL -> manifest record): streamed whole, kept in memory (an LRU of the shards in use: the
+        # stream's and the paste pool's) or, with cfg.shard_cache, in a local folder
+        self.remote = remote or {}
+        self.sources: OrderedDict[str, bytes | Path] = OrderedDict()
+        self.fetches = 0  # remote shards downloaded by this lane (re-downloads included)
+        self.fetched_bytes = 0
         self.verified: set[Path] = set()
         self.index_cache: OrderedDict[Path, list] = OrderedDict()
         self.bad_shards: set[Path] = set()
@@ -543,12 +575,65 @@ class _Lane:
         self.new_bad_shards.append(str(path))
         self.skipped += 1
 
-    def _index(self, path: Path) -> list:
+    def _label(self, path) -> str:
+        """level/shard-NNNNNN.tar: the same for a local and a remote shard."""
+        return self.remote[path].rel if isinstance(path, str) else f"{path.parent.name}/{path.name}"
+
+    def _count(self, path) -> int:
+        """Samples a visit of `path` draws from: a local shard's by its headers, a remote shard's by its manifest
+        record (nothing is fetched: a resume fast-forwards without downloading; the shard is streamed when a clip
+        is read from it)."""
+        if isinstance(path, str):
+            return 0 if path in self.bad_shards else self.remote[path].clips
+        return len(self._index(path))
+
+    def _fetch(self, url: str) -> bytes | Path:
+        """A remote shard, streamed whole (one sequential read), checked against its manifest record (size,
+        sha256) and kept in memory or in cfg.shard_cache. BadShard / OSError when it cannot be had."""
+        rec = self.remote[url]
+        cached = None
+        if self.cfg.shard_cache:
+            tag = hashlib.sha256(rec.root.encode()).hexdigest()[:12]  # by root: two roots never mix
+            cached = Path(self.cfg.shard_cache) / tag / rec.rel
+            if cached.is_file() and (rec.bytes is None or cached.stat().st_size == rec.bytes):
+                return cached  # written there only after its sha256 matched
+        data = storage.read_url(url)
+        self.fetches += 1
+        self.fetched_bytes += len(data)
+        if rec.bytes is not None and len(data) != rec.bytes:
+            raise BadShard(f"{len(data)} bytes streamed, manifest.json records {rec.bytes} (truncated or replaced?)")
+        if rec.sha256 is not None:
+            got = hashlib.sha256(data).hexdigest()
+            if got != rec.sha256:
+                raise BadShard(f"sha256 {got} differs from {rec.sha256} recorded in manifest.json (corrupted since "
+                               "the shard job wrote it?)")
+        if cached is None:
+            return data
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)  # atomic: lanes (and ranks) of a node sharing the cache never see half a tar
+        return cached
+
+    def _source(self, url: str) -> bytes | Path:
+        """The remote shard's bytes or cached file, fetched again when the LRU let it go."""
+        if url in self.sources:
+            self.sources.move_to_end(url)
+            return self.sources[url]
+        src = self._fetch(url)
+        self.sources[url] = src
+        while len(self.sources) > self.cfg.paste_pool_shards + 2:  # the stream's shard and the paste pool's
+            self.sources.popitem(last=False)
+        return src
+
+    def _index(self, path) -> list:
         if path in self.bad_shards:
             return []
         if path in self.index_cache:
             self.index_cache.move_to_end(path)
             return self.index_cache[path]
+        if isinstance(path, str):
+            return self._index_remote(path)
         if self.digests is not None and path not in self.verified:
             try:
                 got = file_sha256(path)
@@ -571,7 +656,27 @@ class _Lane:
             self.index_cache.popitem(last=False)
         return idx
 
-    def _handle(self, path: Path):
+    def _index_remote(self, url: str) -> list:
+        try:
+            src = self._source(url)
+            idx = scan_shard(src)
+            if len(idx) != self.remote[url].clips:
+                raise BadShard(f"holds {len(idx)} samples, manifest.json records {self.remote[url].clips}")
+        except (BadShard, OSError) as e:
+            self.sources.pop(url, None)
+            self._drop_shard(url, str(e))
+            return []
+        self.index_cache[url] = idx
+        while len(self.index_cache) > self.cfg.cache_shards:
+            self.index_cache.popitem(last=False)
+        return idx
+
+    def _handle(self, path):
+        if isinstance(path, str):  # remote: a file-like view of the shard in memory (no copy), or its cached file
+            src = self._source(path)
+            if isinstance(src, bytes):
+                return io.BytesIO(src)
+            path = src
         if path in self.handles:
             self.handles.move_to_end(path)
             return self.handles[path]
@@ -581,8 +686,8 @@ class _Lane:
             self.handles.popitem(last=False)[1].close()
         return fh
 
-    def _visits(self, level: int, block: int) -> Iterator[tuple[Path, list, int]]:
-        """Infinite resampled stream of (shard, its index, sample position) for one (level, block)."""
+    def _visits(self, level: int, block: int) -> Iterator[tuple[Any, int, int]]:
+        """Infinite resampled stream of (shard, its sample count, sample position) for one (level, block)."""
         urls = self.shards[level]
         empty_in_a_row = 0
         visit = 0
@@ -590,15 +695,16 @@ class _Lane:
             rng = np.random.default_rng([self.cfg.seed, 11, self.rank, self.lane, level, block, visit])
             visit += 1
             path = urls[int(rng.integers(len(urls)))]
-            idx = self._index(path)
-            if not idx:
+            n = self._count(path)
+            if not n:
                 empty_in_a_row += 1
                 if empty_in_a_row > 50 * len(urls):
-                    raise RuntimeError(f"no readable sample in any shard of {path.parent}")
+                    where = self._label(path).rpartition("/")[0] if isinstance(path, str) else path.parent
+                    raise RuntimeError(f"no readable sample in any shard of {where}")
                 continue
             empty_in_a_row = 0
-            for pos in rng.permutation(len(idx)):
-                yield path, idx, int(pos)
+            for pos in rng.permutation(n):
+                yield path, n, int(pos)
 
     def _paste_pool(self) -> _Pool:
         """The paste pool of the current stream's (level, block): a pure function of (seed, rank, lane, level,
@@ -625,7 +731,7 @@ class _Lane:
         self.position_memo = (block, level, k, before)
         return block, before * self.cfg.batch_size
 
-    def _draws(self, iteration: int, level: int) -> Iterator[tuple[Path, list, int]]:
+    def _draws(self, iteration: int, level: int) -> Iterator[tuple[Any, int, int]]:
         block, pos = self._position(iteration, level)
         if self.stream_key != (level, block) or self.stream_pos != pos:
             self.stream = self._visits(level, block)
@@ -634,7 +740,7 @@ class _Lane:
             self.stream_key, self.stream_pos = (level, block), pos
         return self.stream
 
-    def _next_draw(self) -> tuple[Path, list, int]:
+    def _next_draw(self) -> tuple[Any, int, int]:
         self.stream_pos += 1
         return next(self.stream)
 
@@ -746,8 +852,8 @@ class _Lane:
                          "object_ids": objects, "level": self.cfg.level_dir(level),
                          "reversed": reversed_, "merged_ids": {str(v): k for k, v in mapping.items()},
                          "merged_from": partner[1] if partner else None,
-                         "merged_shard": f"{partner[0].parent.name}/{partner[0].name}" if partner else None,
-                         "shard": f"{path.parent.name}/{path.name}"}}
+                         "merged_shard": self._label(partner[0]) if partner else None,
+                         "shard": self._label(path)}}
 
     def _augment_static(self, rng: np.random.Generator, path: Path, s: Sample, rgb_out: np.ndarray,
                         cls_out: np.ndarray) -> dict[str, Any]:
@@ -765,14 +871,17 @@ class _Lane:
                 "info": {"key": s.key, "dataset": meta.get("dataset"), "video": meta.get("video"),
                          "frames": [frame] * t, "object_ids": objects, "level": STATIC_LEVEL, "reversed": False,
                          "merged_ids": {}, "merged_from": None, "merged_shard": None,
-                         "shard": f"{path.parent.name}/{path.name}"}}
+                         "shard": self._label(path)}}
 
     def _clip(self, rng: np.random.Generator, level: int, rgb_out: np.ndarray, cls_out: np.ndarray
               ) -> dict[str, Any]:
         """The next clip of the stream, warped (and pasted) into rgb_out (T, S, S, 4) uint8 RGBX and cls_out (T, S, S)
         uint8; its colour jitter is drawn and returned (`jitter`, `grey`), not applied."""
         while True:
-            path, idx, pos = self._next_draw()
+            path, n, pos = self._next_draw()
+            idx = self._index(path)
+            if len(idx) != n:  # a remote shard found bad when streamed: its draws pass to the next ones
+                continue
             for step in range(len(idx)):  # the clip at `pos`, or the next good one of the same shard
                 key, fields = idx[(pos + step) % len(idx)]
                 s = self._read(path, key, fields)
@@ -807,6 +916,7 @@ class _Lane:
         for fh in self.handles.values():
             fh.close()
         self.handles.clear()
+        self.sources.clear()
 
 
 def collate(clips: list[dict[str, Any]]) -> dict[str, Any]:
@@ -918,10 +1028,10 @@ class _Batches(torch.utils.data.IterableDataset):
     """Worker w of W yields (iteration, batch, skipped since the last batch, shards found bad since the last batch)
     for iterations start + w, start + w + W, ..."""
 
-    def __init__(self, cfg, shards, rank, params, start, stop, digests=None):
+    def __init__(self, cfg, shards, rank, params, start, stop, digests=None, remote=None):
         super().__init__()
         self.cfg, self.shards, self.rank, self.params, self.start, self.stop = cfg, shards, rank, params, start, stop
-        self.digests = digests
+        self.digests, self.remote = digests, remote
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -932,7 +1042,7 @@ class _Batches(torch.utils.data.IterableDataset):
         lanes = _lanes(self.cfg)
         # with W workers each worker owns one lane; in-process (0 workers) the one lane is lane 0 of 1
         it = self.start + w
-        lane = _Lane(self.cfg, self.shards, self.rank, it % lanes, self.params, self.digests)
+        lane = _Lane(self.cfg, self.shards, self.rank, it % lanes, self.params, self.digests, self.remote)
         try:
             while self.stop is None or it < self.stop:
                 before = lane.skipped
@@ -949,14 +1059,21 @@ class TrainLoader:
 
     def __init__(self, shard_root: str | os.PathLike, cfg: LoaderConfig, rank: int, world_size: int,
                  params: A.AugmentParams):
-        self.root, self.cfg, self.rank, self.world_size, self.params = Path(shard_root), cfg, rank, world_size, params
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"data.shards: shard root {self.root} does not exist")
+        self.cfg, self.rank, self.world_size, self.params = cfg, rank, world_size, params
         self.iteration = 0
         self.infinite = False
         self.skipped = 0
         self.bad_shards: list[str] = []
-        self.shards: dict[int, list[Path]] = {}
+        self.shards: dict[int, list] = {}
+        self.remote: dict[str, RemoteShard] | None = None
+        self.digests = None
+        if storage.is_remote(shard_root):
+            self.root = str(shard_root)
+            self._list_remote(storage.Store(shard_root))
+            return
+        self.root = storage.local_path(shard_root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.shards: shard root {self.root} does not exist")
         for li in range(len(cfg.max_skip)):
             good = []
             for p in list_shards(self.root, cfg.level_dir(li)):
@@ -971,6 +1088,37 @@ class TrainLoader:
             self.shards[li] = good
         self.skipped = len(self.bad_shards)
         self.digests = self._digests() if cfg.verify_shards else None
+
+    def _list_remote(self, store: storage.Store) -> None:
+        """A remote root's shards, by level, from its manifest.json (which the shard job writes last): never a
+        bucket listing. Each shard is later streamed whole and checked against the manifest's size and sha256
+        (always: data.verify_shards is implied)."""
+        try:
+            manifest = store.read_json("manifest.json")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.shards: {store.url('manifest.json')} not found: a remote shard root is "
+                                    "read through the manifest the shard job writes when it has finished (has it?)"
+                                    ) from e
+        recs = manifest.get("shards") if isinstance(manifest, dict) else None
+        if not isinstance(recs, dict):
+            raise ValueError(f"data.shards: {store.url('manifest.json')} has no 'shards' table (written by an older "
+                             "shard job? rerun data_pipeline.shard)")
+        self.remote = {}
+        for li in range(len(self.cfg.max_skip)):
+            level = self.cfg.level_dir(li)
+            rels = sorted(r for r in recs if r.startswith(level + "/") and r.endswith(".tar"))
+            if not rels:
+                raise FileNotFoundError(f"data.shards: {store.url('manifest.json')} lists no shard in {level}/ (the "
+                                        f"curriculum needs it; levels there: "
+                                        f"{sorted({r.split('/')[0] for r in recs})})")
+            urls = []
+            for r in rels:
+                rec = recs[r] if isinstance(recs[r], dict) else {}
+                url = store.url(r)
+                self.remote[url] = RemoteShard(store.root, r, int(rec.get("clips", 0)), rec.get("sha256"),
+                                               rec.get("bytes"))
+                urls.append(url)
+            self.shards[li] = urls
 
     def _digests(self) -> dict[Path, str]:
         """verify_shards: every shard's sha256 from its stats.json, or a clear error at start-up."""
@@ -1006,7 +1154,7 @@ class TrainLoader:
         # `infinite`: total_iterations only scales the curriculum; a trainer that drops a batch (non-finite loss)
         # must not find the stream dry before its last iteration.
         stop = None if self.infinite else self.cfg.total_iterations
-        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, stop, self.digests)
+        ds = _Batches(self.cfg, self.shards, self.rank, self.params, self.iteration, stop, self.digests, self.remote)
         if self.cfg.num_workers == 0:
             source = iter(ds)
         else:
@@ -1049,7 +1197,7 @@ class TrainLoader:
 
 _AUG_KEYS = {f.name for f in A.AugmentParams.__dataclass_fields__.values()} - {"crop_size", "num_objects"}
 _STATIC_KEYS = {f.name for f in PV.PseudoVideoParams.__dataclass_fields__.values()} - {"crop_size", "num_objects"}
-_CFG_KEYS = {"block_clips", "cache_shards", "paste_pool_shards"}
+_CFG_KEYS = {"block_clips", "cache_shards", "paste_pool_shards", "shard_cache"}
 
 
 def build_train_loader(shards: str | os.PathLike, batch_size: int, rank: int | None = None,

@@ -42,6 +42,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from . import storage
 from .readers import READERS, STATIC_DATASETS, STATIC_MULTIPLIER, BadInput, Video, build_reader
 from .readers.base import ids_present
 from .sampling import (
@@ -91,6 +92,7 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
         cfg["data_root"] = str(data_root)
     if out is not None:
         cfg["out"] = str(out)
+    _check_out_url(cfg.get("out"))
     kind = cfg.get("kind", "video")
     if kind not in KINDS:
         raise SystemExit(f"config kind={kind!r}: expected one of {list(KINDS)}")
@@ -124,6 +126,21 @@ def load_config(path: str | Path, overrides: list[str] = (), data_root=None, out
         if not lv.startswith("skip") or not isinstance(skip, int) or skip <= 0:
             raise SystemExit(f"config levels: bad entry {lv}: {skip!r}")
     return cfg
+
+
+def _check_out_url(out) -> None:
+    """--out: a local folder, s3:// or gs:// (with its filesystem installed); refused at start-up otherwise."""
+    if not out:
+        return
+    try:
+        store = storage.Store(out)
+        if not store.writable:
+            raise storage.StorageError(f"--out {out}: {store.scheme}: is read-only; write shards to a local folder, "
+                                       "s3://bucket/prefix or gs://bucket/prefix")
+        if store.scheme in storage.OBJECT_SCHEMES:
+            store.fs  # noqa: B018 - the s3fs/gcsfs import: a missing extra is named now, not in every task
+    except storage.StorageError as e:
+        raise SystemExit(str(e)) from e
 
 
 def _check_common(cfg: dict) -> None:
@@ -171,28 +188,30 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_out(out: Path, cfg: dict) -> None:
-    """Refuse to write into a folder holding shards of another config (or of an unknown one): the manifest would
-    describe data that is not there. A new config gets a new --out."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise SystemExit(f"--out {out} exists and is not a folder")
+def check_out(out: str | Path, cfg: dict) -> None:
+    """Refuse to write into a folder (or bucket prefix) holding shards of another config (or of an unknown one):
+    the manifest would describe data that is not there. A new config gets a new --out."""
+    store = storage.Store(out)
+    if store.local:
+        if not Path(out).exists():
+            return
+        if not Path(out).is_dir():
+            raise SystemExit(f"--out {out} exists and is not a folder")
     mine = config_hash(cfg)
-    job = out / "job.json"
     theirs, their_cfg = None, None
-    if job.is_file():
+    if store.exists("job.json"):
         try:
-            rec = json.loads(job.read_text())
+            rec = json.loads(store.read_bytes("job.json"))
             theirs, their_cfg = rec["config_hash"], rec.get("hashed_config")
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{job} is unreadable ({e}); cannot tell which config wrote {out}") from e
-    elif (out / "manifest.json").is_file():  # written before job.json existed
+            raise SystemExit(f"{store.url('job.json')} is unreadable ({e}); cannot tell which config wrote {out}") from e
+    elif store.exists("manifest.json"):  # written before job.json existed
         try:
-            theirs = json.loads((out / "manifest.json").read_text())["config_hash"]
+            theirs = json.loads(store.read_bytes("manifest.json"))["config_hash"]
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{out / 'manifest.json'} is unreadable ({e}); cannot tell which config wrote {out}") from e
-    elif any(out.rglob("*.tar")):
+            raise SystemExit(f"{store.url('manifest.json')} is unreadable ({e}); cannot tell which config wrote "
+                             f"{out}") from e
+    elif store.find(".tar"):
         raise SystemExit(f"--out {out} holds .tar files but no job.json: not written by this job; give a new --out")
     if theirs is not None and theirs != mine:
         changed = ""
@@ -280,22 +299,25 @@ def tar_members(fileobj, members: list[tuple[str, bytes]]) -> int:
         return tar.offset
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[int, str]:
-    """Deterministic tar at `path` via `path.tmp` + rename; returns its size and sha256."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        hf = _HashingFile(fh)
-        tar_members(hf, members)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def put_tar(store: storage.Store, rel: str, members: list[tuple[str, bytes]]) -> tuple[int, str]:
+    """The deterministic tar as the object `rel` of `store`: built in a scratch file (beside it locally, renamed
+    into place; a temporary file for object storage, uploaded whole); returns its size and sha256."""
+    scratch = store.scratch_for(rel)
+    try:
+        with open(scratch, "wb") as fh:
+            hf = _HashingFile(fh)
+            tar_members(hf, members)
+            fh.flush()
+            os.fsync(fh.fileno())
+        store.put_file(scratch, rel)
+    finally:
+        scratch.unlink(missing_ok=True)
     return hf.n, hf.sha.hexdigest()
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> tuple[int, str]:
+    """Deterministic tar at `path` via `path.tmp` + rename; returns its size and sha256."""
+    return put_tar(storage.Store(path.parent), path.name, members)
 
 
 _READERS: dict = {}
@@ -306,6 +328,12 @@ def stats_path(tar: Path) -> Path:
     return tar.with_name(tar.name.replace(".tar", ".stats.json"))
 
 
+def stats_name(rel: str) -> str:
+    """`stats_path` of a path relative to the shard root (a local folder or a bucket prefix)."""
+    head, _, name = rel.rpartition("/")
+    return (head + "/" if head else "") + name.replace(".tar", ".stats.json")
+
+
 def clip_item(spec: dict, video: Video, plan: ClipPlan) -> tuple[dict, Video, ClipPlan]:
     """A shard task's input for one clip: the video cut down to the clip's frames (the OVIS/BURST annotations of
     8 frames, not of the whole video: a mixed shard draws from hundreds of videos) and the plan renumbered to it."""
@@ -314,9 +342,10 @@ def clip_item(spec: dict, video: Video, plan: ClipPlan) -> tuple[dict, Video, Cl
     return spec, view, dataclasses.replace(plan, frame_indices=tuple(range(len(idx))))
 
 
-def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: int, quality: int,
+def shard_task(out: str, rel: str, items: list[tuple[dict, Video, ClipPlan]], short: int, quality: int,
                only_shrink: bool = False) -> dict:
-    """Write one shard; returns (and writes) its stats. Uses one core, as the Ray task reserves: OpenCV's own
+    """Write one shard, `rel` (level/shard-NNNNNN.tar) under `out` (a folder or an s3:// / gs:// prefix), then its
+    stats (the completion marker); returns the stats. Uses one core, as the Ray task reserves: OpenCV's own
     thread pool (2 threads on 2 cores) made two tasks on two cores 1.2x slower each."""
     cv2.setNumThreads(1)
     t0 = time.time()
@@ -332,15 +361,15 @@ def shard_task(tar_path: str, items: list[tuple[dict, Video, ClipPlan]], short: 
         except Exception as e:  # noqa: BLE001  a decoder crash on one clip must not lose the shard
             skipped.append({"file": f"{spec['root']} video {video.video}", "video": video.video, "key": plan.key,
                             "reason": f"unexpected {type(e).__name__}: {e}"})
-    path = Path(tar_path)
-    size, sha = write_tar(path, members)
+    store = storage.Store(out)
+    size, sha = put_tar(store, rel, members)
     clips = len(items) - len(skipped)
     ray = sys.modules.get("ray")  # inside a Ray task: the node that wrote the shard; never starts Ray itself
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
-    stats = {"shard": path.name, "clips": clips, "bytes": size, "sha256": sha, "skipped": skipped, "node_id": node,
+    stats = {"shard": rel.rpartition("/")[2], "clips": clips, "bytes": size, "sha256": sha, "skipped": skipped, "node_id": node,
              "hostname": socket.gethostname(), "seconds": round(time.time() - t0, 3),
              "source_bytes": sum(_source_bytes(spec, video, plan) for spec, video, plan in items)}
-    write_json(stats_path(path), stats)
+    store.write_json(stats_name(rel), stats)
     return stats
 
 
@@ -699,8 +728,8 @@ def init_ray(num_cpus: int):
 
 def run(cfg: dict, allow_missing: list[str] = (), train_config: str | None = None) -> dict:
     t0 = time.time()
-    out = Path(cfg["out"])
-    check_out(out, cfg)
+    out = storage.Store(cfg["out"])
+    check_out(cfg["out"], cfg)
     train = training_draws(train_config, levels_of(cfg)) if train_config else None
     ray = init_ray(cfg["num_cpus"])
     try:
@@ -732,50 +761,54 @@ def plan_only(cfg: dict, allow_missing: list[str] = (), train_config: str | None
     plan["skipped_while_listing"] = len(skipped)
     print(json.dumps(plan, indent=1, sort_keys=True) if as_json else format_plan(plan), flush=True)
     try:
-        check_out(Path(cfg["out"]), cfg)
+        check_out(cfg["out"], cfg)
     except SystemExit:
         print(f"note: --out {cfg['out']} holds shards of another config; the job would refuse it", flush=True)
     return plan
 
 
-def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: dict | None) -> dict:
+def _run(cfg: dict, out: storage.Store, ray, t0: float, allow_missing: list[str], train: dict | None) -> dict:
     videos, specs, skipped = list_videos(cfg, ray)
     missing = missing_datasets(videos, skipped, cfg)
     check_missing(missing, allow_missing, cfg)
     plans = make_plans(cfg, videos)
     plan = plan_summary(cfg, videos, plans, specs, missing, train, estimate=False)
     print(format_plan(plan), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "job.json", {"config_hash": config_hash(cfg), "hashed_config": hashed_config(cfg),
-                                  "config": cfg})
-    for stale in out.rglob("*.tmp"):  # leftovers of a killed run
-        stale.unlink()
+    out.write_json("job.json", {"config_hash": config_hash(cfg), "hashed_config": hashed_config(cfg),
+                                "config": cfg})
+    if out.local:
+        for stale in Path(out.root).rglob("*.tmp"):  # leftovers of a killed run (an upload is all or nothing)
+            stale.unlink()
     by_id = {(d, v.video): v for d, vs in videos.items() for v in vs}
-    jobs = []  # (tar path, items)
+    jobs = []  # (tar path under out, items)
     for level in sorted(plans):
-        (out / level).mkdir(exist_ok=True)
+        if out.local:
+            (Path(out.root) / level).mkdir(exist_ok=True)
         ps = plans[level]
         for s in range(0, len(ps), cfg["clips_per_shard"]):
             items = [clip_item(specs[p.dataset], by_id[(p.dataset, p.video)], p)
                      for p in ps[s:s + cfg["clips_per_shard"]]]
-            jobs.append((out / level / f"shard-{s // cfg['clips_per_shard']:06d}.tar", items))
-    todo = [(p, it) for p, it in jobs if not stats_path(p).is_file()]
+            jobs.append((f"{level}/shard-{s // cfg['clips_per_shard']:06d}.tar", items))
+    done_marks = set(out.find(".stats.json"))  # one listing, not a request per shard
+    todo = [(p, it) for p, it in jobs if stats_name(p) not in done_marks]
     print(f"{len(jobs)} shards planned, {len(jobs) - len(todo)} already done", flush=True)
     if todo:
         remote = ray.remote(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")(shard_task)
         # longest first (a level's last shard is partial): the last wave leaves fewer workers idle
         todo.sort(key=lambda job: -len(job[1]))
-        pending = [remote.remote(str(p), it, cfg["short_side"], cfg["jpeg_quality"], is_static(cfg)) for p, it in todo]
+        pending = [remote.remote(cfg["out"], p, it, cfg["short_side"], cfg["jpeg_quality"], is_static(cfg))
+                   for p, it in todo]
         with tqdm(total=len(pending), desc="shards", unit="shard", file=sys.stdout) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
                 bar.update(len(done))
     stats = {}
+    marks = out.read_many([stats_name(p) for p, _ in jobs])
     for p, _ in jobs:
-        st = json.loads(stats_path(p).read_text())
-        stats[str(p.relative_to(out))] = st
-        skipped += [dict(s, shard=str(p.relative_to(out))) for s in st["skipped"]]
+        st = json.loads(marks[stats_name(p)])
+        stats[p] = st
+        skipped += [dict(s, shard=p) for s in st["skipped"]]
     counted = ("images", "usable_images", "multiplier") if is_static(cfg) else \
         ("videos", "usable_videos", "frames", "annotated_frames")
     counts = {d: {**{k: r[k] for k in counted}, "clips": sum(r["clips"].values())} for d, r in plan["datasets"].items()}
@@ -793,7 +826,7 @@ def _run(cfg: dict, out: Path, ray, t0: float, allow_missing: list[str], train: 
                            for k, s in stats.items()},
                 "num_shards": len(stats), "num_clips": total_clips, "bytes": total_bytes,
                 "missing_datasets": missing, "plan": plan, "skipped": skipped, "num_skipped": len(skipped)}
-    write_json(out / "manifest.json", manifest)
+    out.write_json("manifest.json", manifest)  # last: a manifest means every shard it lists is there
     secs = time.time() - t0
     ratio = total_bytes / source if source else float("nan")
     print(f"done: {total_clips} clips in {len(stats)} shards, {secs:.1f} s ({total_clips / max(secs, 1e-9):.1f} "
@@ -843,7 +876,8 @@ def _main(a: argparse.Namespace) -> int:
     def job() -> None:
         run(cfg, a.allow_missing, a.train_config)
 
-    return cli.run_cli(job, debug=a.debug, disk=[cfg["out"]])
+    disk = [cfg["out"]] if not storage.is_remote(cfg["out"]) else []
+    return cli.run_cli(job, debug=a.debug, disk=disk)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from data_pipeline import storage
+
 
 class ConfigError(ValueError):
     """A configuration problem, raised at start-up with the offending key in the message."""
@@ -35,7 +37,7 @@ OPERATIONAL_KEYS = ("output_dir", "train.stop_after", "checkpoint.dir", "checkpo
                     "checkpoint.keep_last", "checkpoint.keep_weights", "checkpoint.every",
                     "validation.time_limit_minutes", "validation.overlays", "tracking.tracking_uri",
                     "tracking.log_every", "tracking.system_metrics", "tracking.system_metrics_interval",
-                    "tracking.upload_retries", "tracking.run_name", "data.verify_shards")
+                    "tracking.upload_retries", "tracking.run_name", "data.verify_shards", "data.loader.shard_cache")
 # Keys added after runs were already written, with the value their absence meant: at that value they are left out
 # of TrainConfig.hash() and a checkpoint's config without them reads as having it, so an earlier run resumes.
 LATER_KEYS = {"data.kind": "video"}
@@ -334,11 +336,15 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
         raise ConfigError("output_dir", "must be set")
     if check_paths:
         if not d.shards:
-            raise ConfigError("data.shards", "must point at the folder written by data_pipeline.shard")
-        if not Path(d.shards).is_dir():
-            raise ConfigError("data.shards", f"folder not found: {d.shards}")
+            raise ConfigError("data.shards", "must point at the folder (or s3://, gs://, https://, pipe: root) "
+                                             "written by data_pipeline.shard")
         levels = ["static"] if d.kind == "static" else [f"skip{skip:02d}" for skip in sorted(set(d.max_skip))]
-        for name in levels:  # the loader's level folders (data_pipeline.loader.LoaderConfig.level_dir)
+        if storage.is_remote(d.shards):
+            _check_remote_shards(d.shards, d.kind, levels)
+        elif not Path(d.shards).is_dir():
+            raise ConfigError("data.shards", f"folder not found: {d.shards}")
+        # the loader's level folders (data_pipeline.loader.LoaderConfig.level_dir)
+        for name in levels if not storage.is_remote(d.shards) else []:
             level = Path(d.shards) / name
             if d.kind == "video" and (Path(d.shards) / "static").is_dir() and not level.is_dir():
                 raise ConfigError("data.shards", f"{d.shards} holds static-image shards (static/): set data.kind=static "
@@ -354,6 +360,30 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> None:
             raise ConfigError("validation.root", "must be set when validation.every > 0 (or set validation.every=0)")
         if v.every and not Path(v.root).is_dir():
             raise ConfigError("validation.root", f"folder not found: {v.root}")
+
+
+def _check_remote_shards(url: str, kind: str, levels: list[str]) -> None:
+    """A remote data.shards (s3://, gs://, http(s)://, pipe:) at start-up: its manifest.json is readable and lists
+    shards in every level the curriculum reads (the loader lists a remote root by its manifest, never a bucket)."""
+    try:
+        store = storage.Store(url)
+        manifest = store.read_json("manifest.json")
+    except (OSError, ValueError) as e:  # FileNotFoundError, StorageError (a missing s3fs names the extra)
+        raise ConfigError("data.shards", f"cannot read the shard manifest: {e} (a remote shard root is read "
+                                         "through the manifest.json the shard job writes last)") from e
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, dict):
+        raise ConfigError("data.shards", f"{store.url('manifest.json')} has no 'shards' table: rerun "
+                                         "data_pipeline.shard")
+    have = {r.split("/")[0] for r in shards if r.endswith(".tar")}
+    for name in levels:
+        if name not in have:
+            if kind == "video" and "static" in have:
+                raise ConfigError("data.shards", f"{url} holds static-image shards (static/): set data.kind=static "
+                                  "for stage 0, or point data.shards at the video shards")
+            why = "data.kind is static" if kind == "static" else f"data.max_skip has {int(name[4:])}"
+            raise ConfigError("data.shards", f"{store.url('manifest.json')} lists no shard in {name}/ ({why}; "
+                                             f"levels there: {sorted(have)})")
 
 
 # ------------------------------------------------------------------------------------------ batch split

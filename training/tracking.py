@@ -143,7 +143,7 @@ class Tracker:
             for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
                 mlflow.log_params(dict(items[i:i + 90]))
             mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
-            self._log_shard_manifest(mlflow, Path(cfg.data.shards))
+            self._log_shard_manifest(mlflow, cfg.data.shards)
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
         self.tracking_uri = uri
@@ -151,13 +151,17 @@ class Tracker:
         self._resume_staged_uploads()
 
     @staticmethod
-    def _log_shard_manifest(mlflow, shards: Path) -> None:
-        """The data the run trains on: the shard job's manifest (config hash, clip counts, skipped samples)."""
-        path = shards / "manifest.json"
-        if not path.is_file():
-            log.warning("no shard manifest at %s: the run's data provenance is not logged", path)
+    def _log_shard_manifest(mlflow, shards: str) -> None:
+        """The data the run trains on: the shard job's manifest (config hash, clip counts, skipped samples), from
+        the shard folder or the remote root (s3://, gs://, https://, pipe:)."""
+        from data_pipeline import storage
+
+        store = storage.Store(shards)
+        try:
+            manifest = store.read_json("manifest.json")
+        except FileNotFoundError:
+            log.warning("no shard manifest at %s: the run's data provenance is not logged", store.url("manifest.json"))
             return
-        manifest = json.loads(path.read_text())
         mlflow.log_dict(manifest, "data/manifest.json")
         mlflow.log_params({"data/config_hash": manifest.get("config_hash", ""),
                            "data/num_clips": manifest.get("num_clips", -1)})

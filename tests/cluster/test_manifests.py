@@ -38,11 +38,13 @@ def _kubernetes_docs() -> list[tuple[Path, dict]]:
 
 
 def _pyproject_pins() -> dict[str, str]:
-    """name → version spec of pyproject.toml's [project] dependencies (read as text: tomllib is 3.11+)."""
+    """name → version spec of pyproject.toml's [project] dependencies and its s3/gcs extras (read as text:
+    tomllib is 3.11+)."""
     text = (ROOT / "pyproject.toml").read_text()
     block = text[text.index("dependencies = ["):]
     block = block[:block.index("\n]")]
     deps = re.findall(r'^\s*"([^"]+)"', block, flags=re.M)
+    deps += re.findall(r'^(?:s3|gcs) = \["([^"]+)"\]', text, flags=re.M)  # the object-storage extras
     pins = {}
     for d in deps:
         m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(.*)$", d)

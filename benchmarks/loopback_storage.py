@@ -4,6 +4,7 @@ static-file HTTP server, each on 127.0.0.1 (a free port) in a thread of this pro
     with s3_server() as s3:          # sets AWS_* for this process and its children (restored afterwards)
         s3.bucket("shards")          # s3://shards/...
     with http_server(folder) as web: # web.url == "http://127.0.0.1:PORT"; web.gets: {path: GET count}
+    with http_server(folder, tls=True) as web:  # https://127.0.0.1:PORT, a self-signed certificate curl trusts
 
 The S3 server is moto's real HTTP implementation of the S3 API (boto3/s3fs speak to it over TCP exactly as to
 AWS, through AWS_ENDPOINT_URL); nothing in the code under test is patched.
@@ -121,21 +122,67 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class HTTP:
-    def __init__(self, server: http.server.ThreadingHTTPServer, gets: Counter):
+    def __init__(self, server: http.server.ThreadingHTTPServer, gets: Counter, tls: bool):
         self.server, self.gets = server, gets
-        self.url = f"http://{LOOPBACK}:{server.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://{LOOPBACK}:{server.server_address[1]}"
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (subjectAltName IP) and its key, valid for a day: (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
 
 
 @contextlib.contextmanager
-def http_server(folder: Path) -> Iterator[HTTP]:
-    """`folder` served read-only on http://127.0.0.1:PORT (GET and HEAD; missing files are 404)."""
+def http_server(folder: Path, tls: bool = False) -> Iterator[HTTP]:
+    """`folder` served read-only on http://127.0.0.1:PORT (GET and HEAD; missing files are 404). `tls`: on
+    https://127.0.0.1:PORT with a self-signed certificate, which this process and its children trust through
+    CURL_CA_BUNDLE (curl's own variable: webdataset's gopen fetches https with curl, certificate checks on)."""
+    import ssl
+    import tempfile
+
     gets: Counter = Counter()
     handler = type("Handler", (_Handler,), {"gets": gets})
     server = http.server.ThreadingHTTPServer((LOOPBACK, 0), functools.partial(handler, directory=str(folder)))
+    saved = os.environ.get("CURL_CA_BUNDLE")
+    certs = tempfile.TemporaryDirectory(prefix="s3vos-tls-") if tls else None
+    if tls:
+        cert, key = self_signed(Path(certs.name))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        os.environ["CURL_CA_BUNDLE"] = str(cert)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield HTTP(server, gets)
+        yield HTTP(server, gets, tls)
     finally:
         server.shutdown()
         server.server_close()
+        if tls:
+            if saved is None:
+                os.environ.pop("CURL_CA_BUNDLE", None)
+            else:
+                os.environ["CURL_CA_BUNDLE"] = saved
+            certs.cleanup()

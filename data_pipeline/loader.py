@@ -651,6 +651,9 @@ class _Lane:
         except (BadShard, OSError) as e:
             self._drop_shard(path, str(e))
             return []
+        return self._keep_index(path, idx)
+
+    def _keep_index(self, path, idx: list) -> list:
         self.index_cache[path] = idx
         while len(self.index_cache) > self.cfg.cache_shards:
             self.index_cache.popitem(last=False)
@@ -666,10 +669,7 @@ class _Lane:
             self.sources.pop(url, None)
             self._drop_shard(url, str(e))
             return []
-        self.index_cache[url] = idx
-        while len(self.index_cache) > self.cfg.cache_shards:
-            self.index_cache.popitem(last=False)
-        return idx
+        return self._keep_index(url, idx)
 
     def _handle(self, path):
         if isinstance(path, str):  # remote: a file-like view of the shard in memory (no copy), or its cached file
@@ -750,6 +750,15 @@ class _Lane:
         if (path, key) in self.bad_samples:
             self.skipped += 1
             return None
+        if isinstance(path, str):  # remote: its bytes may have to be fetched again (the LRU let them go)
+            if path in self.bad_shards:
+                return None  # dropped (and counted) once, when it failed
+            try:
+                self._source(path)
+            except (BadShard, OSError) as e:  # deleted or changed since it was indexed: the whole shard goes
+                self.index_cache.pop(path, None)
+                self._drop_shard(path, str(e))
+                return None
         try:
             return read_sample(self._handle(path), key, fields, self.cfg.stored_frames)
         except (BadSample, OSError) as e:

@@ -57,16 +57,29 @@ def local_path(root: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s)
 
 
+# The environment variables that configure an SDK's client (endpoint, profile, static keys, region): a process
+# whose environment changes them gets a new client (fsspec would hand back the one made for the old endpoint).
+CLIENT_ENV = {"s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_REGION",
+                     "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"),
+              "gs": ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")}
+_FS: dict[tuple, Any] = {}
+
+
 def _fsspec(kind: str):
-    """The fsspec filesystem of s3 or gs, or a clear error naming the extra to install."""
+    """The fsspec filesystem of s3 or gs for the current environment, or a clear error naming the extra."""
+    key = (kind, *(os.environ.get(k) for k in CLIENT_ENV[kind]))
+    if key in _FS:
+        return _FS[key]
     import fsspec
 
     try:
         # no listings cache: a rerun of the shard job, or a loader after a deletion, must see the bucket as it is
-        return fsspec.filesystem(kind, use_listings_cache=False)
+        fs = fsspec.filesystem(kind, use_listings_cache=False, skip_instance_cache=True)
     except ImportError as e:
         raise StorageError(f"{kind}:// needs {'s3fs' if kind == 's3' else 'gcsfs'}: pip install "
                            f"'s3vos[{EXTRA[kind]}]' ({e})") from e
+    _FS[key] = fs
+    return fs
 
 
 class Store:
@@ -81,7 +94,6 @@ class Store:
         if self.scheme == "pipe" and "{path}" not in self.root:
             raise StorageError(f"{root}: a pipe: shard root must hold {{path}} (the object's path under the root), "
                                "e.g. pipe:aws s3 cp s3://bucket/shards/{path} -")
-        self._fs = None
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -96,9 +108,7 @@ class Store:
 
     @property
     def fs(self):
-        if self._fs is None:
-            self._fs = _fsspec(self.scheme)
-        return self._fs
+        return _fsspec(self.scheme)
 
     def url(self, rel: str) -> str:
         """The object's URL (or local path)."""
@@ -189,7 +199,10 @@ class Store:
         if self.local:
             dest = Path(self.url(rel))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(local, dest) if _same_fs(local, dest.parent) else shutil.move(str(local), dest)
+            if _same_fs(local, dest.parent):
+                os.replace(local, dest)
+            else:
+                shutil.move(str(local), dest)
             return
         try:
             self.fs.put_file(str(local), self.url(rel))
@@ -216,9 +229,6 @@ class Store:
             self.fs.rm_file(self.url(rel))
 
 
-_FS: dict[str, Any] = {}
-
-
 def read_url(url: str) -> bytes:
     """The whole object at `url` (a local path, s3://, gs://, http(s)://, pipe:COMMAND), read sequentially.
     FileNotFoundError when it is not there, StorageError on any other failure; both name the URL."""
@@ -226,10 +236,8 @@ def read_url(url: str) -> bytes:
     if not kind:
         return local_path(url).read_bytes()
     if kind in OBJECT_SCHEMES:
-        if kind not in _FS:
-            _FS[kind] = _fsspec(kind)
         try:
-            return _FS[kind].cat_file(url)
+            return _fsspec(kind).cat_file(url)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{url}: no such object") from e
         except OSError as e:

@@ -3,7 +3,7 @@
 
 * the demo's shard job written to the bucket gives byte-identical tars (and the same stats and manifest) to the
   local run; a job SIGKILLed mid-way resumes to the same bytes, skipping the shards it had finished;
-* the training loader reads s3://, http:// and pipe: roots through their manifest, batch for batch equal to the
+* the training loader reads s3://, http://, https:// and pipe: roots through their manifest, batch for batch equal to the
   local folder's, with DataLoader workers; a resume fetches the one shard its lane is in, not the ones it skips;
 * a shard deleted from the bucket mid-run, or changed, is reported (named) and skipped, and the stream goes on;
 * bad roots fail at start-up with the URL named.
@@ -58,10 +58,14 @@ def batches(root, n: int, start: int = 0, total: int = 20, workers: int = 0, **k
     loader = build_train_loader(str(root), 2, 0, 1, total, num_workers=workers, start_iteration=start,
                                 **{**KNOBS, **knobs})
     out = []
-    for b in loader:
-        out.append(b)
-        if len(out) == n:
-            break
+    it = iter(loader)
+    try:
+        for b in it:
+            out.append(b)
+            if len(out) == n:
+                break
+    finally:
+        it.close()  # stops the DataLoader workers now, not whenever the garbage collector gets to them
     return out, loader
 
 
@@ -157,6 +161,9 @@ def test_loader_batches_from_s3_http_and_pipe_equal_the_local_folders(s3, bucket
         assert_same(ref, got, "http://")
         assert not [p for p in web.gets if not (p.endswith(".tar") or p == "manifest.json")], web.gets
         assert web.gets["manifest.json"] == 1  # listed through the manifest, never by a listing
+    with http_server(local_shards, tls=True) as web:  # curl checks the certificate (CURL_CA_BUNDLE)
+        got, _ = batches(web.url, 8)
+        assert_same(ref, got, "https://")
     got, _ = batches("pipe:cat " + str(local_shards) + "/{path}", 8)
     assert_same(ref, got, "pipe:")
     cache = tmp_path / "cache"
@@ -207,12 +214,14 @@ def test_a_shard_deleted_from_the_bucket_mid_run_is_reported_and_skipped(s3, loc
     victim = used[0]
     loader = build_train_loader(url, 2, 0, 1, 20, num_workers=2, **KNOBS)
     got = []
-    for b in loader:
+    it = iter(loader)
+    for b in it:
         got.append(b)
         if len(got) == 2:
             s3.delete(f"{url}/{victim}")
         if len(got) == 20:
             break
+    it.close()
     assert len(got) == 20
     assert_same(ref[:14], got[:14], "before skip15")
     # reported: the shard's URL in the loader's record (the workers' warning names it too) and counted in
@@ -266,3 +275,42 @@ def test_bad_remote_roots_fail_at_start_up_naming_the_url(s3, local_shards, tmp_
                            str(tmp_path), "--out", "https://example.invalid/shards"], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "https: is read-only" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_remote_shard_gone_when_fetched_again_is_dropped_once(local_shards, tmp_path):
+    """A lane keeps paste_pool_shards + 2 remote shards; one it let go is fetched again when a sample of it is read
+    (a paste partner from its index, say). Deleted meanwhile: the whole shard is dropped, named and counted once,
+    and its other samples are passed over without another request."""
+    import shutil
+
+    from data_pipeline.loader import _Lane
+
+    served = tmp_path / "served"
+    shutil.copytree(local_shards, served)
+    with http_server(served) as web:
+        loader = build_train_loader(web.url, 2, 0, 1, 10, num_workers=0, **KNOBS)
+        lane = _Lane(loader.cfg, loader.shards, 0, 0, loader.params, None, loader.remote)
+        url = loader.shards[0][1]
+        rel = loader.remote[url].rel
+        idx = lane._index(url)
+        assert len(idx) == loader.remote[url].clips and web.gets[rel] == 1
+        assert lane._read(url, *idx[0]) is not None and web.gets[rel] == 1  # served from memory
+        lane.sources.clear()  # as the LRU does when other shards come in
+        (served / rel).unlink()
+        assert lane._read(url, *idx[1]) is None
+        assert lane.bad_shards == {url} and lane.new_bad_shards == [url] and lane.skipped == 1
+        assert web.gets[rel] == 2
+        assert all(lane._read(url, *entry) is None for entry in idx[2:])
+        assert web.gets[rel] == 2 and lane.skipped == 1 and lane._count(url) == 0
+
+
+def test_a_new_endpoint_in_the_environment_gets_a_new_client():
+    """s3fs clients are made for the endpoint of the environment they were made in: a process whose
+    AWS_ENDPOINT_URL changes (a second S3 server, another MinIO) reads from the new one, not the old."""
+    from data_pipeline.storage import Store
+
+    for n in range(2):
+        with s3_server() as server:
+            url = server.bucket(f"endpoint{n}") + "/x"
+            Store(url).write_json("a.json", {"n": n})
+            assert Store(url).read_json("a.json") == {"n": n}

@@ -1,7 +1,7 @@
 """Issue 17: the trainer on shards in object storage. The demo's shards are put in a bucket of moto's standalone S3
-server on 127.0.0.1 and served by an HTTP server on 127.0.0.1; `training/train.py` (DeepSpeed, 1 CPU rank, a
-DataLoader worker streaming the shards) trains 20 iterations from the local folder, from https-style http:// and
-from s3:// (stopped at iteration 10 after a checkpoint, then relaunched: it resumes there): every iteration's
+server on 127.0.0.1 and served over HTTPS on 127.0.0.1 (a self-signed certificate, trusted through curl's
+CURL_CA_BUNDLE); `training/train.py` (DeepSpeed, 1 CPU rank, a DataLoader worker streaming the shards) trains 20
+iterations from the local folder, from https:// and from s3:// (stopped at iteration 10 after a checkpoint, then relaunched: it resumes there): every iteration's
 losses are identical, and the run logs the bucket's manifest."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def assert_same_losses(got: dict[int, dict], ref: dict[int, dict], iterations, w
 
 
 @pytest.mark.timeout(1500)
-def test_training_from_s3_and_http_equals_training_from_the_local_folder(demo_data, tmp_path):
+def test_training_from_s3_and_https_equals_training_from_the_local_folder(demo_data, tmp_path):
     local = demo_data / "shards"
     ref_out = tmp_path / "local"
     train(str(local), ref_out)
@@ -80,9 +80,10 @@ def test_training_from_s3_and_http_equals_training_from_the_local_folder(demo_da
                                                            str(tmp_path))).read_text())
         assert logged["shards"] == json.loads((local / "manifest.json").read_text())["shards"]
 
-    with http_server(local) as web:
-        out = tmp_path / "http"
+    with http_server(local, tls=True) as web:
+        assert web.url.startswith("https://127.0.0.1:")
+        out = tmp_path / "https"
         train(web.url, out)
-        assert_same_losses(losses(out), ref, range(1, ITERATIONS + 1), "http://")
+        assert_same_losses(losses(out), ref, range(1, ITERATIONS + 1), "https://")
         assert web.gets["manifest.json"] >= 1
         assert not [p for p in web.gets if not (p.endswith(".tar") or p == "manifest.json")], web.gets

@@ -325,7 +325,7 @@ _READERS: dict = {}
 
 def stats_path(tar: Path) -> Path:
     """shard-NNNNNN.tar → shard-NNNNNN.stats.json, the completion marker written after the tar."""
-    return tar.with_name(tar.name.replace(".tar", ".stats.json"))
+    return tar.with_name(stats_name(tar.name))
 
 
 def stats_name(rel: str) -> str:

@@ -221,12 +221,6 @@ class Store:
         tag = hashlib.sha256(self.url(rel).encode()).hexdigest()[:24]
         return Path(tempfile.gettempdir()) / f"s3vos-{tag}.{rel.rpartition('/')[2]}.tmp"
 
-    def remove(self, rel: str) -> None:
-        self._check_writable()
-        if self.local:
-            Path(self.url(rel)).unlink(missing_ok=True)
-        else:
-            self.fs.rm_file(self.url(rel))
 
 
 def read_url(url: str) -> bytes:
